@@ -1,0 +1,47 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-internvl",
+    version="0.1.0",
+    description="Train InternVL-family vision-language models at cluster scale on Megatron-Core.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_internvl", "megatron_internvl.*"]),
+    include_package_data=True,
+    package_data={"megatron_internvl": ["recipes/**/*.yaml"]},
+    install_requires=[
+        # 0.17+ needs Python >= 3.12; 0.16.1 has wheels for cp311 and cp312 (CPU CI and GPU nodes).
+        "megatron-core==0.16.1",
+        "torch>=2.6",
+        "pyyaml",
+        "pillow",
+        "sentencepiece",
+        "safetensors",
+        "tokenizers",
+        "numpy",
+        # dist_checkpointing's filesystem writer needs it.
+        "psutil",
+    ],
+    extras_require={
+        # Never add the package index's `apex`: it is an unrelated project.
+        "gpu": [
+            "transformer-engine[pytorch]",
+            "flash-attn",
+            "nvidia-dali-cuda130",
+        ],
+        "dali-cpu": ["nvidia-dali-cuda130"],
+        "test": [
+            "pytest",
+            "pytest-timeout",
+            "transformers>=5",
+            "matplotlib",
+            "scikit-learn",
+            "tensorboard",
+            "av",
+            "nvidia-dali-cuda130",
+        ],
+        "dev": ["pytest", "pytest-timeout", "transformers>=5", "matplotlib", "tensorboard"],
+    },
+    entry_points={"console_scripts": ["megatron-internvl=megatron_internvl.cli:main"]},
+)
