@@ -1,0 +1,454 @@
+"""Images to normalised ViT tiles: decoding, dynamic tiling, JPEG augmentation.
+
+Two decoding backends produce the same tiles:
+
+* ``PILDecoder``: Pillow (libjpeg-turbo) decode and bicubic resize, as InternVL does.
+* ``DALIDecoder``: NVIDIA DALI decode and cubic resize; on a GPU node the JPEG is decoded by
+  nvJPEG (``device="mixed"``, the hardware decoder where there is one) and resized on the GPU.
+
+Both hand back ``uint8`` tiles; cutting the grid into tiles and normalising are shared code, so
+the backends can only differ in decode and resize. On CPU the decode is bit-identical
+(both use libjpeg-turbo); the resize differs slightly because Pillow rounds to 8 bits between
+its horizontal and vertical passes and DALI does not. The measured gap and the tolerance the
+tests hold it to are in ``docs/data.md``.
+
+The random JPEG re-compression (quality uniform in [75, 100] per tile) draws its qualities from a
+caller-supplied generator before any backend runs, so a data-loader resume that restores the
+generator reproduces the same tiles with either backend.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from abc import ABC, abstractmethod
+from collections import Counter
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from megatron_internvl.data.tiling import DEFAULT_IMAGE_SIZE, choose_grid
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+JPEG_QUALITY_MIN = 75
+JPEG_QUALITY_MAX = 100  # inclusive
+
+Rng = Union[np.random.Generator, torch.Generator]
+ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
+
+
+class MediaDecodeError(Exception):
+    """A sample's image or video cannot be used; the dataset layer catches this and counts it.
+
+    Carries the offending ``source`` (a path, or ``"<bytes>"``) and a short ``reason`` so a
+    skipped-sample report can say which file to look at.
+    """
+
+    kind = "media"
+
+    def __init__(self, source: str, reason: str):
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"cannot decode {self.kind} {self.source}: {reason}")
+
+    def __reduce__(self):  # keep (source, reason) when raised inside a data-loader worker
+        return (type(self), (self.source, self.reason))
+
+
+class ImageDecodeError(MediaDecodeError):
+    """An image file is missing, unreadable, truncated or not an image."""
+
+    kind = "image"
+
+
+def read_image_source(path_or_bytes: ImageSource) -> tuple[bytes, str]:
+    """Return ``(encoded bytes, name for messages)``; a missing file is an ImageDecodeError."""
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        data, source = bytes(path_or_bytes), "<bytes>"
+    elif isinstance(path_or_bytes, (str, os.PathLike)):
+        source = os.fspath(path_or_bytes)
+        try:
+            with open(source, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ImageDecodeError(source, "file not found") from None
+        except OSError as e:
+            raise ImageDecodeError(source, f"cannot read file ({e.strerror or e})") from None
+    else:
+        raise TypeError(
+            f"an image must be given as a path or encoded bytes, got {type(path_or_bytes).__name__}"
+        )
+    if not data:
+        raise ImageDecodeError(source, "empty file")
+    return data, source
+
+
+def _open_header(data: bytes, source: str) -> Image.Image:
+    """Parse the header only (no pixel decode): size and mode for the grid choice."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError(source, "not an image in a format Pillow can read") from None
+    except Exception as e:  # DecompressionBombError, OSError, ...
+        raise ImageDecodeError(source, f"{type(e).__name__}: {e}") from None
+
+
+def decode_rgb(data: bytes, source: str = "<bytes>") -> Image.Image:
+    """Fully decode with Pillow to RGB (no EXIF rotation, as InternVL's loader does not rotate)."""
+    image = _open_header(data, source)
+    try:
+        image.load()  # truncated / corrupt data fails here, not at open
+        return image.convert("RGB")
+    except Exception as e:
+        raise ImageDecodeError(source, f"{type(e).__name__}: {e}") from None
+
+
+def _cut_grid(grid: np.ndarray, cols: int, rows: int, image_size: int) -> np.ndarray:
+    """Split an ``(rows*S, cols*S, 3)`` image into ``[cols*rows, S, S, 3]`` tiles, row-major."""
+    s = image_size
+    if grid.shape != (rows * s, cols * s, 3):
+        raise RuntimeError(f"resized image has shape {grid.shape}, expected {(rows * s, cols * s, 3)}")
+    return np.ascontiguousarray(
+        grid.reshape(rows, s, cols, s, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, s, s, 3)
+    )
+
+
+def _pil_tile_array(
+    image: Image.Image, min_tiles: int, max_tiles: int, image_size: int, use_thumbnail: bool
+) -> np.ndarray:
+    cols, rows = choose_grid(image.width, image.height, min_tiles, max_tiles, image_size)
+    resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+    tiles = _cut_grid(np.asarray(resized), cols, rows, image_size)
+    if use_thumbnail and cols * rows > 1:
+        thumb = np.asarray(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
+        tiles = np.concatenate([tiles, thumb[None]], axis=0)
+    return tiles
+
+
+def dynamic_preprocess(
+    image: Image.Image,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    use_thumbnail: bool = True,
+) -> list[Image.Image]:
+    """InternVL's dynamic high-resolution split of an RGB PIL image into PIL tiles.
+
+    The image is resized (bicubic) to the chosen ``cols x rows`` grid of ``image_size`` squares
+    and cut row-major; a whole-image thumbnail is appended when there is more than one tile.
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    tiles = _pil_tile_array(image, min_tiles, max_tiles, image_size, use_thumbnail)
+    return [Image.fromarray(t) for t in tiles]
+
+
+def normalize_tiles(tiles: np.ndarray | Sequence[Image.Image]) -> torch.Tensor:
+    """``uint8 [T,S,S,3]`` (or PIL tiles) to ImageNet-normalised ``float32 [T,3,S,S]``.
+
+    Same float32 operations as torchvision's ``ToTensor`` + ``Normalize`` (divide by 255, then
+    subtract the mean and divide by the std), so checkpoints trained on InternVL's pipeline see
+    the same numbers.
+    """
+    if not isinstance(tiles, np.ndarray):
+        tiles = np.stack([np.asarray(t.convert("RGB")) for t in tiles])
+    if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
+        raise ValueError(f"expected uint8 tiles [T,S,S,3], got {tiles.dtype} {tiles.shape}")
+    if not tiles.flags.writeable:  # e.g. a view of a PIL buffer; torch wants to own writable memory
+        tiles = tiles.copy()
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def draw_jpeg_qualities(rng: Rng, n: int) -> list[int]:
+    """One JPEG quality per tile, uniform over [75, 100], consuming only ``rng``.
+
+    Drawn before decoding and independent of the backend, so restoring the generator's state on
+    resume replays exactly the same qualities.
+    """
+    if isinstance(rng, np.random.Generator):
+        q = rng.integers(JPEG_QUALITY_MIN, JPEG_QUALITY_MAX + 1, size=n)
+    elif isinstance(rng, torch.Generator):
+        q = torch.randint(JPEG_QUALITY_MIN, JPEG_QUALITY_MAX + 1, (n,), generator=rng).numpy()
+    else:
+        raise TypeError(
+            "JPEG augmentation needs rng=numpy.random.Generator or torch.Generator (seeded by the "
+            f"data loader so that resume is exact), got {type(rng).__name__}"
+        )
+    return [int(v) for v in q]
+
+
+def jpeg_roundtrip(tile: np.ndarray, quality: int) -> np.ndarray:
+    """Encode one ``uint8 [S,S,3]`` tile as JPEG at ``quality`` and decode it again (Pillow)."""
+    buf = io.BytesIO()
+    Image.fromarray(tile).save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+class TileDecoder(ABC):
+    """Encoded image bytes -> ``uint8 [T,S,S,3]`` tiles, and the per-tile JPEG augmentation.
+
+    Instances are per process (see :func:`get_decoder`) and not thread-safe; data-loader
+    parallelism is by worker processes.
+    """
+
+    name: str
+
+    @abstractmethod
+    def tiles(
+        self,
+        data: bytes,
+        source: str,
+        *,
+        min_tiles: int,
+        max_tiles: int,
+        image_size: int,
+        use_thumbnail: bool,
+    ) -> np.ndarray: ...
+
+    @abstractmethod
+    def jpeg_compress(self, tiles: np.ndarray, qualities: Sequence[int]) -> np.ndarray: ...
+
+
+class PILDecoder(TileDecoder):
+    """Pillow decode + bicubic resize: InternVL's own preprocessing."""
+
+    name = "pil"
+
+    def tiles(self, data, source, *, min_tiles, max_tiles, image_size, use_thumbnail):
+        image = decode_rgb(data, source)
+        return _pil_tile_array(image, min_tiles, max_tiles, image_size, use_thumbnail)
+
+    def jpeg_compress(self, tiles, qualities):
+        return np.stack([jpeg_roundtrip(t, q) for t, q in zip(tiles, qualities, strict=True)])
+
+
+def _is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def _dali_reason(exc: Exception) -> str:
+    """DALI's errors carry the pipeline-definition traceback; keep only what went wrong."""
+    text = str(exc)
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1]
+    lines = [
+        ln.strip()
+        for ln in text.splitlines()
+        if ln.strip() and "no longer valid" not in ln and not ln.startswith("Critical error")
+    ]
+    return "DALI: " + (" ".join(lines)[:300] or type(exc).__name__)
+
+
+class DALIDecoder(TileDecoder):
+    """NVIDIA DALI decode + antialiased cubic resize (the same filter Pillow's BICUBIC uses).
+
+    ``device="auto"`` uses the GPU (nvJPEG, hardware JPEG decoding where the GPU has it) when
+    torch sees CUDA, else a CPU-only pipeline. DALI is used for baseline/progressive JPEGs in
+    RGB or greyscale; other formats (PNG, GIF, WebP, CMYK JPEG, ...) go through Pillow so that
+    colour conversion stays identical to the PIL backend. ``stats`` counts which path ran.
+
+    The pipelines are built lazily in the process that uses them and rebuilt after a fork, since
+    a DALI pipeline's worker threads do not survive ``fork()``; they are also rebuilt after a
+    decode error, because DALI invalidates a pipeline that raised.
+    """
+
+    name = "dali"
+
+    def __init__(self, device: str = "auto", num_threads: int = 1):
+        if device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"DALIDecoder device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            raise ModuleNotFoundError(
+                "backend='dali' needs NVIDIA DALI: pip install 'megatron-internvl[dali-cpu]' "
+                "(or [gpu]); use backend='pil' otherwise"
+            ) from None
+        if device == "auto":
+            device = "gpu" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.num_threads = num_threads
+        self.stats: Counter[str] = Counter()
+        self._pid: int | None = None
+        self._image_pipe = None
+        self._tile_pipe = None
+        self._tile_capacity = 0
+
+    # --- pipelines -------------------------------------------------------------------------
+
+    def _device_id(self):
+        return torch.cuda.current_device() if self.device == "gpu" else None
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():
+            self._image_pipe = self._tile_pipe = None
+            self._tile_capacity = 0
+            self._pid = os.getpid()
+
+    def _new_pipeline(self, batch_size: int):
+        from nvidia.dali import Pipeline
+
+        # Synchronous and unbuffered: one request in, its result out, nothing read ahead.
+        return Pipeline(
+            batch_size=batch_size,
+            num_threads=self.num_threads,
+            device_id=self._device_id(),
+            exec_pipelined=False,
+            exec_async=False,
+            prefetch_queue_depth=1,
+        )
+
+    def _build_image_pipe(self):
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+
+        pipe = self._new_pipeline(batch_size=1)
+        with pipe:
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            sizes = {
+                k: fn.external_source(name=k, dtype=types.FLOAT, ndim=0)
+                for k in ("grid_w", "grid_h", "thumb_w", "thumb_h")
+            }
+            image = fn.decoders.image(
+                encoded,
+                device="mixed" if self.device == "gpu" else "cpu",
+                output_type=types.RGB,
+                adjust_orientation=False,  # Pillow/InternVL ignore EXIF orientation too
+            )
+            resize = dict(interp_type=types.INTERP_CUBIC, antialias=True)
+            grid = fn.resize(image, resize_x=sizes["grid_w"], resize_y=sizes["grid_h"], **resize)
+            thumb = fn.resize(image, resize_x=sizes["thumb_w"], resize_y=sizes["thumb_h"], **resize)
+            pipe.set_outputs(grid, thumb)
+        pipe.build()
+        return pipe
+
+    def _build_tile_pipe(self, capacity: int):
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+
+        pipe = self._new_pipeline(batch_size=capacity)
+        with pipe:
+            tiles = fn.external_source(
+                name="tiles", dtype=types.UINT8, ndim=3, layout="HWC",
+                device="gpu" if self.device == "gpu" else "cpu",
+            )
+            quality = fn.external_source(name="quality", dtype=types.INT32, ndim=0)
+            pipe.set_outputs(fn.jpeg_compression_distortion(tiles, quality=quality))
+        pipe.build()
+        return pipe
+
+    @staticmethod
+    def _host_arrays(tensor_list) -> list[np.ndarray]:
+        if hasattr(tensor_list, "as_cpu"):
+            tensor_list = tensor_list.as_cpu()
+        # Copy: DALI reuses its output buffers on the next run.
+        return [np.array(tensor_list[i], copy=True) for i in range(len(tensor_list))]
+
+    # --- TileDecoder -----------------------------------------------------------------------
+
+    def tiles(self, data, source, *, min_tiles, max_tiles, image_size, use_thumbnail):
+        header = _open_header(data, source)
+        if not (_is_jpeg(data) and header.mode in ("RGB", "L")):
+            self.stats["pil_fallback"] += 1
+            return PILDecoder().tiles(
+                data, source, min_tiles=min_tiles, max_tiles=max_tiles,
+                image_size=image_size, use_thumbnail=use_thumbnail,
+            )
+        cols, rows = choose_grid(header.width, header.height, min_tiles, max_tiles, image_size)
+        want_thumb = use_thumbnail and cols * rows > 1
+        thumb_side = image_size if want_thumb else 1  # a 1x1 thumbnail costs ~nothing; dropped
+        self._check_pid()
+        if self._image_pipe is None:
+            self._image_pipe = self._build_image_pipe()
+        pipe = self._image_pipe
+        try:
+            pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
+            for name, value in (
+                ("grid_w", image_size * cols), ("grid_h", image_size * rows),
+                ("thumb_w", thumb_side), ("thumb_h", thumb_side),
+            ):
+                pipe.feed_input(name, [np.float32(value)])
+            grid_out, thumb_out = pipe.run()
+            grid = self._host_arrays(grid_out)[0]
+            thumb = self._host_arrays(thumb_out)[0] if want_thumb else None
+        except Exception as e:
+            self._image_pipe = None
+            raise ImageDecodeError(source, _dali_reason(e)) from None
+        self.stats["dali"] += 1
+        tiles = _cut_grid(grid, cols, rows, image_size)
+        if thumb is not None:
+            tiles = np.concatenate([tiles, thumb[None]], axis=0)
+        return tiles
+
+    def jpeg_compress(self, tiles, qualities):
+        if len(tiles) != len(qualities):
+            raise ValueError(f"{len(tiles)} tiles but {len(qualities)} JPEG qualities")
+        self._check_pid()
+        if self._tile_pipe is None or len(tiles) > self._tile_capacity:
+            self._tile_capacity = max(64, len(tiles))
+            self._tile_pipe = self._build_tile_pipe(self._tile_capacity)
+        pipe = self._tile_pipe
+        try:
+            pipe.feed_input("tiles", [np.ascontiguousarray(t) for t in tiles], layout="HWC")
+            pipe.feed_input("quality", [np.int32(q) for q in qualities])
+            (out,) = pipe.run()
+            return np.stack(self._host_arrays(out))
+        except Exception:
+            self._tile_pipe = None
+            raise
+
+
+_DECODERS: dict[tuple[int, str], TileDecoder] = {}
+
+
+def get_decoder(backend: str) -> TileDecoder:
+    """The process's decoder for ``backend`` ("pil" or "dali"), created on first use."""
+    key = (os.getpid(), backend)
+    if key not in _DECODERS:
+        if backend == "pil":
+            _DECODERS[key] = PILDecoder()
+        elif backend == "dali":
+            _DECODERS[key] = DALIDecoder()
+        else:
+            raise ValueError(f"unknown image backend {backend!r}: choose 'pil' or 'dali'")
+    return _DECODERS[key]
+
+
+def load_image_tiles(
+    path_or_bytes: ImageSource,
+    *,
+    max_tiles: int,
+    min_tiles: int = 1,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    use_thumbnail: bool = True,
+    jpeg_augment: bool = False,
+    rng: Rng | None = None,
+    backend: str | TileDecoder = "pil",
+) -> torch.Tensor:
+    """Decode an image into normalised ViT tiles, ``float32 [T, 3, image_size, image_size]``.
+
+    ``T`` is the grid's tile count plus one thumbnail when the grid has several tiles. With
+    ``jpeg_augment`` every tile (thumbnail included) is JPEG re-compressed at a quality drawn
+    from ``rng``. Raises :class:`ImageDecodeError` for a missing or undecodable image.
+    """
+    if jpeg_augment and rng is None:
+        raise ValueError(
+            "jpeg_augment=True needs rng (a seeded numpy or torch Generator) so that the "
+            "augmentation is reproducible on resume"
+        )
+    decoder = backend if isinstance(backend, TileDecoder) else get_decoder(backend)
+    data, source = read_image_source(path_or_bytes)
+    tiles = decoder.tiles(
+        data, source, min_tiles=min_tiles, max_tiles=max_tiles,
+        image_size=image_size, use_thumbnail=use_thumbnail,
+    )
+    if jpeg_augment:
+        tiles = decoder.jpeg_compress(tiles, draw_jpeg_qualities(rng, len(tiles)))
+    return normalize_tiles(tiles)
