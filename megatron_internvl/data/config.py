@@ -52,6 +52,8 @@ class DatasetSpec:
             raise ValueError(f"{at}.kind={self.kind!r} is not one of {DATASET_KINDS}.")
         if self.template is not None and self.template not in TEMPLATE_NAMES:
             raise ValueError(f"{at}.template={self.template!r} is not one of {TEMPLATE_NAMES}.")
+        if self.kind != "chat" and self.template not in (None, "plain"):
+            raise ValueError(f"{at}: kind={self.kind!r} data has no conversations; drop template={self.template!r}.")
         r = self.repeat_time
         if not (isinstance(r, (int, float)) and math.isfinite(r) and 0 < r <= 4):
             raise ValueError(

@@ -32,7 +32,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,6 @@ from .templates import (
     IGNORE_INDEX,
     TemplateError,
     Tokenized,
-    count_placeholders,
     get_template,
     normalize_turns,
     place_image_placeholders,
@@ -54,6 +53,7 @@ from .templates import (
     tokenize_conversation,
     tokenize_plain,
 )
+from .tiling import tile_budget_per_image
 from .tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger("megatron_internvl.data")
@@ -88,11 +88,6 @@ try:
 except ImportError:  # pragma: no cover
     class VideoDecodeError(Exception):  # type: ignore[no-redef]
         pass
-
-
-def tile_budget_per_image(max_tiles: int, num_images: int) -> int:
-    """Each image of a multi-image sample gets max(1, n_max // n_images) tiles."""
-    return max(1, max_tiles // max(1, num_images))
 
 
 class MediaLoader:
@@ -222,6 +217,10 @@ class GlobalOrder:
 
 # --------------------------------------------------------------------------- sample building
 
+def pixels_none(image_size: int) -> torch.Tensor:
+    return torch.zeros((0, 3, image_size, image_size), dtype=torch.float32)
+
+
 def _shift_labels(labels: np.ndarray) -> np.ndarray:
     out = np.full_like(labels, IGNORE_INDEX)
     out[:-1] = labels[1:]
@@ -262,11 +261,15 @@ class SampleBuilder:
     def _build(self, spec: DatasetSpec, ds: int, rec: dict, rng: np.random.Generator, j: int) -> list[PackedSample]:
         cfg = self.cfg
         template = self.templates[ds]
-        if spec.kind == "text" or (spec.kind == "pretrain" and not template.chat):
+        if spec.kind in ("text", "pretrain"):
             text = rec.get(spec.text_field)
             if not isinstance(text, str) or not text:
                 raise _SkipSample("bad_record", f"no non-empty string field {spec.text_field!r}")
-            paths = self._image_list(rec) if spec.kind == "pretrain" else []
+            if spec.kind == "text":
+                # a text corpus has no images: "<image>" in it is just text
+                toks = tokenize_plain(self.tok, text, [], expand_images=False)
+                return self._split_plain(toks, pixels_none(cfg.image_size), [], ds, rng, j)
+            paths = self._image_list(rec)
             n_ph = text.count("<image>")
             if n_ph != len(paths):
                 raise _SkipSample("image_token_mismatch", f"{n_ph} <image> placeholder(s) but {len(paths)} image(s)")
@@ -275,6 +278,8 @@ class SampleBuilder:
             return self._split_plain(toks, pixels, tiles, ds, rng, j)
 
         turns = normalize_turns(rec.get("conversations"))
+        if rec.get("video") and rec.get("image"):
+            raise _SkipSample("bad_record", "a sample has either 'image' or 'video', not both")
         if "video" in rec and rec["video"]:
             path = rec["video"]
             if not isinstance(path, str):
@@ -306,9 +311,8 @@ class SampleBuilder:
         raise _SkipSample("bad_record", "'image' must be a path or a list of paths")
 
     def _load_images(self, spec: DatasetSpec, paths: list[str], rng) -> tuple[torch.Tensor, list[int]]:
-        S = self.cfg.image_size
         if not paths:
-            return torch.zeros((0, 3, S, S), dtype=torch.float32), []
+            return pixels_none(self.cfg.image_size), []
         n_max = spec.max_dynamic_patch or self.cfg.max_dynamic_patch
         budget = tile_budget_per_image(n_max, len(paths))
         min_tiles = min(spec.min_dynamic_patch or self.cfg.min_dynamic_patch, budget)
@@ -674,3 +678,49 @@ def build_data_loader(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None, dp
     if state is not None:
         loader.load_state_dict(state)
     return loader
+
+
+class HeaderOnlyMedia(MediaLoader):
+    """Tile counts from image headers, no pixels: for dry runs over whole datasets.
+
+    Returns [T, 3, 0, 0] tensors; T is what the decoder would produce (the same grid rule).
+    Files PIL cannot even open are reported as corrupt; truncated bodies go unnoticed.
+    Videos are decoded for real (their frame count needs the container).
+    """
+
+    def image_tiles(self, path, *, max_tiles, min_tiles, augment, rng):
+        from PIL import Image
+
+        from .tiling import tiles_for_image
+
+        with Image.open(path) as im:
+            w, h = im.size
+        n = tiles_for_image(w, h, min_tiles, max_tiles, self.image_size, self.use_thumbnail)
+        return torch.empty((n, 3, 0, 0))
+
+    def video_frames(self, path, *, rng):
+        n = int(super().video_frames(path, rng=rng).shape[0])
+        return torch.empty((n, 3, 0, 0))
+
+
+def inspect_stream(loader: PackedDataLoader) -> dict[str, Any]:
+    """Run a finite loader to the end; counts of samples, tiles, tokens, packs, skips, fill."""
+    tokens = image_tokens = 0
+    for b in loader:
+        tokens += b["num_tokens"]
+        image_tokens += int(b["num_tiles"].sum()) * loader.cfg.num_image_token
+    st = loader.stats()
+    return {
+        "samples": st["samples_read"],
+        "samples_packed": st["packed_samples"],
+        "samples_skipped": st["samples_skipped"],
+        "skips_by_reason": st["skips_by_reason"],
+        "skips": st["skips"],
+        "tiles": st["tiles"],
+        "tokens": tokens,
+        "image_tokens": image_tokens,
+        "packs": st["packs"],
+        "max_tokens": loader.cfg.max_tokens,
+        "max_tiles": loader.cfg.max_tiles,
+        "fill_ratio": st["fill_ratio"],
+    }

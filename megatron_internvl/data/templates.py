@@ -170,7 +170,8 @@ class Tokenized:
 
 
 def tokenize_segments(tok: Tokenizer, segments: Sequence[tuple[str, bool]],
-                      image_tokens: Sequence[int], *, bos: bool = False, eos: bool = False) -> Tokenized:
+                      image_tokens: Sequence[int], *, bos: bool = False, eos: bool = False,
+                      expand_images: bool = True) -> Tokenized:
     """Tokenize rendered segments; `image_tokens[k]` IMG_CONTEXT tokens for the k-th `<image>`."""
     merged: list[list] = []
     for text, sup in segments:
@@ -189,7 +190,7 @@ def tokenize_segments(tok: Tokenizer, segments: Sequence[tuple[str, bool]],
         mask.append(False)
     k = 0
     for text, sup in merged:
-        parts = text.split(IMAGE_PLACEHOLDER)
+        parts = text.split(IMAGE_PLACEHOLDER) if expand_images else [text]
         for j, part in enumerate(parts):
             if j:
                 if k >= len(image_tokens):
@@ -230,6 +231,6 @@ def tokenize_conversation(tok: Tokenizer, template: Template, turns: Sequence[tu
     return tokenize_segments(tok, segs, image_tokens, bos=template.bos)
 
 
-def tokenize_plain(tok: Tokenizer, text: str, image_tokens: Sequence[int]) -> Tokenized:
+def tokenize_plain(tok: Tokenizer, text: str, image_tokens: Sequence[int], expand_images: bool = True) -> Tokenized:
     """Pre-training text: no template, every text token supervised, EOS appended."""
-    return tokenize_segments(tok, [(text, True)], image_tokens, eos=True)
+    return tokenize_segments(tok, [(text, True)], image_tokens, eos=True, expand_images=expand_images)
