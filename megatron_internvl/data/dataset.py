@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig, DatasetSpec
+from .images import ImageDecodeError
 from .loss_weights import square_average_weights
 from .packing import PackedSample, TwoBudgetPacker, collate_pack
 from .positions import image_deltas, position_ids
@@ -55,6 +56,7 @@ from .templates import (
 )
 from .tiling import tile_budget_per_image
 from .tokenizer import Tokenizer, load_tokenizer
+from .video import VideoDecodeError
 
 logger = logging.getLogger("megatron_internvl.data")
 
@@ -78,18 +80,6 @@ class DataResumeError(RuntimeError):
     """A checkpointed data state cannot be restored onto this configuration or data."""
 
 
-try:  # the decoders' own error types, once those modules exist
-    from .images import ImageDecodeError  # type: ignore
-except ImportError:  # pragma: no cover - module not written yet
-    class ImageDecodeError(Exception):  # type: ignore[no-redef]
-        pass
-try:
-    from .video import VideoDecodeError  # type: ignore
-except ImportError:  # pragma: no cover
-    class VideoDecodeError(Exception):  # type: ignore[no-redef]
-        pass
-
-
 class MediaLoader:
     """Decodes images and videos into tiles. Tests inject a fake with the same two methods."""
 
@@ -109,9 +99,10 @@ class MediaLoader:
                                 backend=self.backend)
 
     def video_frames(self, path: str, *, rng: np.random.Generator) -> torch.Tensor:
-        from . import video
+        from .video import load_video_tiles
 
-        return video.load_video_tiles(path, num_frames=self.num_video_frames, image_size=self.image_size, rng=rng)
+        # frames are the middle of equal segments: deterministic, no rng needed
+        return load_video_tiles(path, num_frames=self.num_video_frames, image_size=self.image_size)
 
 
 @dataclass
@@ -324,7 +315,7 @@ class SampleBuilder:
             try:
                 t = self.media.image_tiles(path, max_tiles=budget, min_tiles=min_tiles,
                                            augment=spec.data_augment, rng=rng)
-            except (ImageDecodeError, OSError, ValueError, SyntaxError) as e:
+            except (ImageDecodeError, OSError) as e:
                 raise _SkipSample("corrupt_image", f"image {path!r} cannot be decoded: {str(e)[:200]}")
             out.append(t)
             tiles.append(int(t.shape[0]))
@@ -336,7 +327,7 @@ class SampleBuilder:
             raise _SkipSample("unreadable_video", f"video {path!r} does not exist")
         try:
             frames = self.media.video_frames(path, rng=rng)
-        except (VideoDecodeError, OSError, ValueError) as e:
+        except (VideoDecodeError, OSError) as e:
             raise _SkipSample("unreadable_video", f"video {path!r} cannot be decoded: {str(e)[:200]}")
         if frames.shape[0] == 0:
             raise _SkipSample("unreadable_video", f"video {path!r} yielded no frames")

@@ -51,7 +51,7 @@ class FakeMedia:
 
     Images are small PNGs: an image W px wide gives min(max_tiles, max(min_tiles, W // 16))
     tiles (plus nothing else); files that PIL cannot read raise like the real decoder.
-    Videos are text files "FRAMES n"; anything else raises ValueError.
+    Videos are text files "FRAMES n"; anything else raises VideoDecodeError.
     """
 
     def __init__(self, image_size: int):
@@ -73,7 +73,9 @@ class FakeMedia:
         with open(path) as f:
             text = f.read()
         if not text.startswith("FRAMES "):
-            raise ValueError("not a video")
+            from megatron_internvl.data.video import VideoDecodeError
+
+            raise VideoDecodeError(path, "not a video")
         n = int(text.split()[1])
         S = self.image_size
         vals = torch.tensor(rng.random(n), dtype=torch.float32)
@@ -104,7 +106,7 @@ def conv(q: str, a: str, *more) -> list:
 
 
 def make_toy_data(root: str, n_single: int = 40, n_multi: int = 12, n_text: int = 20, n_video: int = 8,
-                  n_pretrain: int = 10, n_corpus: int = 20, seed: int = 0) -> str:
+                  n_pretrain: int = 10, n_corpus: int = 20, seed: int = 0, real_videos: bool = False) -> str:
     """A meta.json over five datasets of every kind; returns the meta path."""
     rng = np.random.default_rng(seed)
     img_dir = os.path.join(root, "images")
@@ -128,6 +130,9 @@ def make_toy_data(root: str, n_single: int = 40, n_multi: int = 12, n_text: int 
     vid_dir = os.path.join(root, "videos")
     os.makedirs(vid_dir, exist_ok=True)
     for k in range(3):
+        if real_videos:
+            write_video(os.path.join(vid_dir, f"v{k}.mp4"), frames=k + 2)
+            continue
         with open(os.path.join(vid_dir, f"v{k}.mp4"), "w") as f:
             f.write(f"FRAMES {k + 2}")
     video = [{"video": f"v{rng.integers(3)}.mp4", "conversations": conv("<video>\n" + sentence(4), sentence(8))}
@@ -179,3 +184,20 @@ def batch_digest(batch) -> list:
         else:
             out.append((k, v if not isinstance(v, list) else [list(x) if isinstance(x, tuple) else x for x in v]))
     return out
+
+
+def write_video(path: str, frames: int, size: int = 32) -> str:
+    """A real (mpeg4) video whose frame k is a flat grey of value 40 * k."""
+    import av
+
+    with av.open(path, "w") as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for k in range(frames):
+            f = av.VideoFrame.from_ndarray(np.full((size, size, 3), 40 * k, np.uint8), format="rgb24")
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path

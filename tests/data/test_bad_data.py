@@ -137,3 +137,39 @@ def test_warnings_are_rate_limited(tmp_path, tok, caplog):
     msgs = [r.getMessage() for r in caplog.records]
     # the first 2, then the 4th, 8th and 16th
     assert len(msgs) == 5 and "16 'malformed_json' skips so far" in msgs[-1]
+
+
+def test_real_decoders_errors_are_counted(tmp_path, tok, caplog):
+    """The real image/video decoders' errors land in the right buckets."""
+    from .helpers import write_video
+
+    root = tmp_path / "media"
+    root.mkdir()
+    write_image(str(root / "ok.png"), 32, 24)
+    good_jpeg = root / "good.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(good_jpeg, quality=90)
+    (root / "truncated.jpg").write_bytes(good_jpeg.read_bytes()[:200])
+    (root / "text.png").write_text("hello")
+    (root / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 garbage")
+    write_video(str(root / "ok.mp4"), frames=4)
+    lines = [
+        {"image": "good.jpg", "conversations": conv("<image>\nq", "a")},
+        {"image": "truncated.jpg", "conversations": conv("<image>\nq", "a")},
+        {"image": "text.png", "conversations": conv("<image>\nq", "a")},
+        {"video": "bad.mp4", "conversations": conv("<video>\nq", "a")},
+        {"video": "ok.mp4", "conversations": conv("<video>\nq", "a")},
+        {"image": ["good.jpg", "missing.jpg"], "conversations": conv("<image><image>\nq", "a")},
+    ]
+    ann = write_jsonl(str(tmp_path / "real.jsonl"), lines)
+    cfg = DataConfig(datasets=[DatasetSpec("real", ann, root=str(root), data_augment=True)], tokenizer_path=tok,
+                     image_size=8, num_image_token=4, max_tokens=256, pad_to_multiple=8, num_workers=0,
+                     system_message="", num_video_frames=2, max_skip_ratio=1.0)
+    loader = build_data_loader(cfg, stop_after=len(lines))
+    batches = list(loader)
+    assert sum(b["num_samples"] for b in batches) == 2
+    assert loader.stats()["skips"] == {"real/corrupt_image": 2, "real/unreadable_video": 1, "real/missing_image": 1}
+    msgs = "\n".join(r.getMessage() for r in caplog.records)
+    for line, what in ((2, "truncated.jpg"), (3, "text.png"), (4, "bad.mp4"), (6, "missing.jpg")):
+        assert f"{ann}:{line}: skipped" in msgs and what in msgs

@@ -280,22 +280,25 @@ def test_text_only_conversation_and_corpus(tmp_path, bpe):
 
 
 def test_video_frames_one_tile_each(tmp_path, bpe):
-    from .helpers import FakeMedia
+    from .helpers import write_video
 
     from megatron_internvl.data.config import DataConfig, DatasetSpec
 
-    vid = tmp_path / "clip.mp4"
-    vid.write_text("FRAMES 3")
+    write_video(str(tmp_path / "clip.mp4"), frames=6)
     ann = write_jsonl(str(tmp_path / "v.jsonl"), [{"video": "clip.mp4", "conversations": [
         {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A fox runs."}]}])
-    cfg = DataConfig(datasets=[DatasetSpec("v", ann, root=str(tmp_path), max_dynamic_patch=1)], tokenizer_path=bpe,
-                     image_size=8, num_image_token=4, max_tokens=512, pad_to_multiple=1, num_workers=0,
-                     system_message="")
-    batch = list(build_data_loader(cfg, media_loader=FakeMedia(8), stop_after=1))[0]
+    cfg = DataConfig(datasets=[DatasetSpec("v", ann, root=str(tmp_path), max_dynamic_patch=1, data_augment=True)],
+                     tokenizer_path=bpe, image_size=8, num_image_token=4, max_tokens=512, pad_to_multiple=1,
+                     num_workers=0, system_message="", num_video_frames=3)
+    batch = list(build_data_loader(cfg, stop_after=1))[0]
     tok = load_tokenizer(bpe)
     text = tok.decode(batch["input_ids"][0].tolist())
     frame = "<img>" + "<IMG_CONTEXT>" * 4 + "</img>"
-    assert (f"<|im_start|>user\nFrame-1: {frame}\nFrame-2: {frame}\nFrame-3: {frame}\nWhat happens?<|im_end|>"
-            in text)
+    assert text == (f"<|im_start|>system\n<|im_end|>\n<|im_start|>user\nFrame-1: {frame}\nFrame-2: {frame}\n"
+                    f"Frame-3: {frame}\nWhat happens?<|im_end|>\n<|im_start|>assistant\nA fox runs.<|im_end|>\n")
     assert batch["num_tiles"].tolist() == [1, 1, 1]
-    assert batch["pixel_values"].shape == (3, 3, 8, 8)
+    px = batch["pixel_values"]
+    assert px.shape == (3, 3, 8, 8)
+    # frames 1, 3, 5 of 6 (middle of three segments), greys 40, 120, 200, never JPEG-augmented
+    grey = px[:, 1].mean(dim=(1, 2)) * 0.224 + 0.456
+    np.testing.assert_allclose((grey * 255).numpy(), [40, 120, 200], atol=4)
