@@ -1,0 +1,306 @@
+"""The configuration schema: one dataclass per section, the single source of truth.
+
+Recipes (YAML) and command-line overrides are validated against these classes by
+:mod:`megatron_internvl.config.loader`. Cross-field checks live in ``validate`` methods and raise
+:class:`ConfigError` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_internvl.data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message names the field and the fix."""
+
+
+@dataclass
+class VisionConfig:
+    """InternViT. Defaults: InternViT-300M (V2.5)."""
+
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    ffn_hidden_size: int = 4096
+    image_size: int = 448
+    patch_size: int = 14
+    norm: str = "layernorm"  # "layernorm" (300M) or "rmsnorm" (6B)
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    qk_norm: bool = False  # 6B: RMSNorm over the full hidden, before the head split
+    layer_scale_init: float = 0.1
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class LanguageConfig:
+    """The LLM. Defaults: Qwen2.5-0.5B (InternVL2.5/3-1B)."""
+
+    arch: str = "qwen2"  # qwen2 | internlm2 | llama
+    hidden_size: int = 896
+    num_layers: int = 24
+    num_heads: int = 14
+    num_kv_heads: int = 2
+    ffn_hidden_size: int = 4864
+    vocab_size: int = 151674
+    rope_theta: float = 1_000_000.0
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    max_position_embeddings: int = 32768
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    downsample_ratio: float = 0.5
+    projector_norm_eps: float = 1e-5
+    image_token_id: int = 151667
+    spec: str = "auto"  # auto | te | local: Transformer Engine modules or local megatron-core ones
+    recompute: str = "none"  # none | full | selective (activation recomputation)
+
+    def validate(self) -> None:
+        if self.vision.norm not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"model.vision.norm={self.vision.norm!r}: use 'layernorm' or 'rmsnorm'")
+        if self.language.arch not in ("qwen2", "internlm2", "llama"):
+            raise ConfigError(
+                f"model.language.arch={self.language.arch!r}: use 'qwen2', 'internlm2' or 'llama'"
+            )
+        if self.spec not in ("auto", "te", "local"):
+            raise ConfigError(f"model.spec={self.spec!r}: use 'auto', 'te' or 'local'")
+        if self.recompute not in ("none", "full", "selective"):
+            raise ConfigError(f"model.recompute={self.recompute!r}: use 'none', 'full' or 'selective'")
+        lang = self.language
+        if lang.num_heads % lang.num_kv_heads:
+            raise ConfigError(
+                f"model.language.num_heads={lang.num_heads} is not a multiple of "
+                f"model.language.num_kv_heads={lang.num_kv_heads}"
+            )
+        if lang.hidden_size % lang.num_heads:
+            raise ConfigError(
+                f"model.language.hidden_size={lang.hidden_size} is not divisible by "
+                f"model.language.num_heads={lang.num_heads}"
+            )
+        vis = self.vision
+        if vis.image_size % vis.patch_size:
+            raise ConfigError(
+                f"model.vision.image_size={vis.image_size} is not a multiple of "
+                f"model.vision.patch_size={vis.patch_size}"
+            )
+        grid = vis.image_size // vis.patch_size
+        scale = round(1 / self.downsample_ratio)
+        if abs(1 / scale - self.downsample_ratio) > 1e-9 or grid % scale:
+            raise ConfigError(
+                f"model.downsample_ratio={self.downsample_ratio} must be 1/k with k dividing the "
+                f"patch grid {grid} (image_size / patch_size)"
+            )
+
+    @property
+    def num_image_token(self) -> int:
+        """LLM tokens per 448 tile: (image_size / patch_size * downsample_ratio) ** 2."""
+        grid = self.vision.image_size // self.vision.patch_size
+        return int(grid * self.downsample_ratio) ** 2
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline_parallel: Optional[int] = None
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+    # LLM layers on the first pipeline stage (which also holds the ViT and projector).
+    first_stage_llm_layers: Optional[int] = None
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    def data_parallel(self, world_size: int) -> int:
+        self.validate_world_size(world_size)
+        return world_size // self.model_parallel_size
+
+    def validate_world_size(self, world_size: int) -> None:
+        if world_size % self.model_parallel_size:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor_parallel x "
+                f"pipeline_parallel x context_parallel = {self.tensor_parallel} x "
+                f"{self.pipeline_parallel} x {self.context_parallel}: change the layout or the "
+                f"number of processes"
+            )
+
+    def validate(self, model: ModelConfig) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        tp, lang = self.tensor_parallel, model.language
+        for what, value in (
+            ("model.language.num_heads", lang.num_heads),
+            ("model.language.num_kv_heads", lang.num_kv_heads),
+            ("model.language.ffn_hidden_size", lang.ffn_hidden_size),
+            ("model.vision.ffn_hidden_size", model.vision.ffn_hidden_size),
+        ):
+            if value % tp:
+                raise ConfigError(
+                    f"parallel.tensor_parallel={tp} does not divide {what}={value}: "
+                    f"choose a tensor_parallel size that divides it"
+                )
+        if self.sequence_parallel and tp == 1:
+            raise ConfigError(
+                "parallel.sequence_parallel=true needs parallel.tensor_parallel > 1: "
+                "set sequence_parallel=false or raise tensor_parallel"
+            )
+        pp, layers = self.pipeline_parallel, lang.num_layers
+        if pp == 1:
+            if self.virtual_pipeline_parallel not in (None, 1):
+                raise ConfigError(
+                    "parallel.virtual_pipeline_parallel needs parallel.pipeline_parallel > 1"
+                )
+            if self.first_stage_llm_layers is not None:
+                raise ConfigError(
+                    "parallel.first_stage_llm_layers needs parallel.pipeline_parallel > 1"
+                )
+            return
+        first = self.first_stage_llm_layers
+        if first is not None:
+            if not 0 <= first <= layers:
+                raise ConfigError(
+                    f"parallel.first_stage_llm_layers={first} is outside [0, {layers}] "
+                    f"(model.language.num_layers)"
+                )
+            if (layers - first) % (pp - 1):
+                raise ConfigError(
+                    f"after parallel.first_stage_llm_layers={first}, the remaining {layers - first} "
+                    f"LLM layers do not split evenly over the other {pp - 1} pipeline stages"
+                )
+        elif layers % pp:
+            raise ConfigError(
+                f"parallel.pipeline_parallel={pp} does not divide model.language.num_layers="
+                f"{layers}: change pipeline_parallel or set parallel.first_stage_llm_layers"
+            )
+        vpp = self.virtual_pipeline_parallel
+        if vpp not in (None, 1):
+            if first is not None:
+                raise ConfigError(
+                    "parallel.first_stage_llm_layers cannot be combined with "
+                    "virtual_pipeline_parallel: remove one of them"
+                )
+            if (layers // pp) % vpp:
+                raise ConfigError(
+                    f"parallel.virtual_pipeline_parallel={vpp} does not divide the "
+                    f"{layers // pp} LLM layers per pipeline stage"
+                )
+
+
+STAGES = ("native_pretrain", "mlp_warmup", "vit_incremental", "full")
+
+
+@dataclass
+class TrainingConfig:
+    stage: str = "full"  # native_pretrain | mlp_warmup | vit_incremental | full
+    vit_trainable_last_layers: Optional[int] = None  # train only the last k ViT layers
+    train_steps: int = 100
+    micro_batch_size: int = 1  # packed sequences per micro-batch
+    global_batch_size: int = 1  # packed sequences per optimizer step, over all DP ranks
+    seed: int = 1234
+    precision: str = "bf16"  # bf16 | fp32 | fp8 (fp8 needs Transformer Engine on Hopper)
+    clip_grad: float = 1.0
+    log_interval: int = 1
+    max_nonfinite_in_row: int = 3
+    loss_spike_factor: float = 3.0
+    time_limit_minutes: Optional[float] = None
+
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"training.stage={self.stage!r}: choose one of {', '.join(STAGES)}")
+        if self.precision not in ("bf16", "fp32", "fp8"):
+            raise ConfigError(f"training.precision={self.precision!r}: use bf16, fp32 or fp8")
+        for name in ("train_steps", "micro_batch_size", "global_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"training.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class LRMultipliers:
+    vision: float = 1.0
+    projector: float = 1.0
+    language: float = 1.0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 4e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    decay_style: str = "cosine"  # cosine | linear | constant
+    lr_mult: LRMultipliers = field(default_factory=LRMultipliers)
+
+    def validate(self) -> None:
+        if self.decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError(
+                f"optimizer.decay_style={self.decay_style!r}: use cosine, linear or constant"
+            )
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optimizer.min_lr={self.min_lr} is above optimizer.lr={self.lr}")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None  # directory; None = <run_dir>/checkpoints
+    save_interval: Optional[int] = None
+    keep_last: int = 3
+    load: Optional[str] = None  # resume from here (default: the save directory, if it has one)
+    finetune: bool = False  # load weights only: no optimizer, scheduler, RNG or data state
+    async_save: bool = False
+    init_language: Optional[str] = None  # component-wise initialisation
+    init_vision: Optional[str] = None  # ViT + projector
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: Optional[int] = None, require_data: bool = True) -> None:
+        self.model.validate()
+        self.parallel.validate(self.model)
+        self.training.validate()
+        self.optimizer.validate()
+        if require_data:
+            try:
+                self.data.validate()
+            except ConfigError:
+                raise
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        if world_size is not None:
+            dp = self.parallel.data_parallel(world_size)
+            per_step = self.training.micro_batch_size * dp
+            if self.training.global_batch_size % per_step:
+                raise ConfigError(
+                    f"training.global_batch_size={self.training.global_batch_size} is not "
+                    f"divisible by training.micro_batch_size x data-parallel size = "
+                    f"{self.training.micro_batch_size} x {dp}: make it a multiple of {per_step}"
+                )

@@ -1,0 +1,93 @@
+"""Layer specs: Transformer Engine modules on GPUs, local megatron-core modules on CPU.
+
+Everything above the spec (models, training) is the same code on both. The choice is automatic
+(:func:`use_transformer_engine`): TE when CUDA and Transformer Engine are present, unless the
+config forces one.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from .attention import CoreAttention
+from .norms import Norm
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_transformer_engine(preference: str = "auto") -> bool:
+    """preference: 'auto' (TE iff CUDA and TE are available), 'te' or 'local'."""
+    if preference == "local":
+        return False
+    available = torch.cuda.is_available() and transformer_engine_available()
+    if preference == "te":
+        if not available:
+            raise RuntimeError(
+                "model.spec='te' needs a CUDA device and transformer-engine "
+                "(pip install 'megatron-internvl[gpu]'); use model.spec=auto or local"
+            )
+        return True
+    if preference != "auto":
+        raise ValueError(f"model.spec={preference!r}: choose auto, te or local")
+    return available
+
+
+def local_decoder_layer_spec(attn_mask_type=AttnMaskType.causal) -> ModuleSpec:
+    """Pre-norm transformer layer from local megatron-core linears and the project's attention."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=Norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": attn_mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=CoreAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=Norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            # Same checkpoint keys as the TE spec, whose norms are fused into the linears.
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
+        ),
+    )
+
+
+def te_decoder_layer_spec(attn_mask_type=AttnMaskType.causal) -> ModuleSpec:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    spec = get_gpt_layer_with_transformer_engine_spec()
+    spec.submodules.self_attention.params["attn_mask_type"] = attn_mask_type
+    return spec
+
+
+def decoder_layer_spec(preference: str = "auto", attn_mask_type=AttnMaskType.causal) -> ModuleSpec:
+    if use_transformer_engine(preference):
+        return te_decoder_layer_spec(attn_mask_type)
+    return local_decoder_layer_spec(attn_mask_type)

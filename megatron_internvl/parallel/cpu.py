@@ -1,0 +1,235 @@
+"""Run megatron-core on CPU processes (gloo) when the machine has no CUDA device.
+
+megatron-core 0.16.1 assumes CUDA in about 190 places. Our CI and development machines have no
+GPU, yet every parallel layout (TP, PP, DP, distributed optimizer, distributed checkpoints) must
+be tested there. This module redirects the CUDA assumptions to CPU equivalents, so the *same*
+megatron-core code paths run on gloo CPU ranks:
+
+1. ``_CudaToCpu`` (a ``torch.overrides.TorchFunctionMode``) rewrites ``device="cuda"``,
+   ``"cuda:N"``, ``torch.device("cuda", N)`` and bare integer devices (what
+   ``torch.cuda.current_device()`` returns) to CPU in tensor factories and ``.to()``; makes
+   ``Tensor.cuda()``, ``pin_memory()`` and ``record_stream()`` no-ops.
+2. ``torch.cuda.*`` device, stream, event, memory and RNG functions are replaced by CPU
+   equivalents or no-ops. The "CUDA" RNG is the CPU default generator, so megatron's
+   model-parallel RNG tracker (``get_cuda_rng_tracker().fork()``) really forks the generator that
+   CPU dropout and weight initialisation draw from: per-TP-rank initialisation stays correct.
+3. ``Tensor.type()`` without arguments reports ``torch.cuda.<Kind>Tensor`` for CPU tensors,
+   because megatron's (distributed) optimizer and gradient clipping refuse parameters whose type
+   string is not a CUDA one.
+
+It is installed once per process by :func:`megatron_internvl.parallel.distributed.initialize`
+(never by user code) and is a no-op when CUDA is available: on GPU machines nothing is patched.
+What it does not cover, the project replaces through its layer specs instead: megatron's local
+``DotProductAttention`` (CUDA memory buffer) and ``RotaryEmbedding`` (current CUDA device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+_MODE: TorchFunctionMode | None = None
+
+_CPU = torch.device("cpu")
+
+
+def _is_cuda_device(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+def _to_cpu_device(device):
+    return _CPU if _is_cuda_device(device) else device
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU for every torch function call."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if name == "cuda" and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        if name in ("pin_memory", "record_stream") and args and isinstance(args[0], torch.Tensor):
+            return args[0] if name == "pin_memory" else None
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if name == "to" and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+class _FakeEvent:
+    def __init__(self, *args, **kwargs):
+        import time
+
+        self._time = time
+        self._t = None
+
+    def record(self, stream=None):
+        self._t = self._time.perf_counter()
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, end):
+        if self._t is None or end._t is None:
+            return 0.0
+        return (end._t - self._t) * 1000.0
+
+
+class _FakeStream:
+    def __init__(self, *args, **kwargs):
+        self.device = _CPU
+        self.cuda_stream = 0
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        event = event or _FakeEvent()
+        event.record()
+        return event
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_DEFAULT_STREAM = _FakeStream()
+
+
+def _current_memory() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except Exception:  # psutil is a dependency; tolerate a broken install in diagnostics only
+        return 0
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    patches = {
+        "current_device": lambda: 0,
+        "set_device": lambda device: None,
+        "synchronize": lambda device=None: None,
+        "device_count": lambda: 1,
+        "Stream": _FakeStream,
+        "ExternalStream": _FakeStream,
+        "Event": _FakeEvent,
+        "current_stream": lambda device=None: _DEFAULT_STREAM,
+        "default_stream": lambda device=None: _DEFAULT_STREAM,
+        "set_stream": lambda stream: None,
+        "stream": lambda stream=None: contextlib.nullcontext(),
+        "empty_cache": lambda: None,
+        "memory_allocated": lambda device=None: _current_memory(),
+        "max_memory_allocated": lambda device=None: _current_memory(),
+        "memory_reserved": lambda device=None: _current_memory(),
+        "max_memory_reserved": lambda device=None: _current_memory(),
+        "reset_peak_memory_stats": lambda device=None: None,
+        "memory_stats": lambda device=None: {},
+        "is_current_stream_capturing": lambda: False,
+        "get_device_capability": lambda device=None: (0, 0),
+        "get_device_name": lambda device=None: "cpu",
+        "get_rng_state": lambda device="cuda": torch.get_rng_state(),
+        "set_rng_state": lambda state, device="cuda": torch.set_rng_state(state),
+        "manual_seed": lambda seed: torch.default_generator.manual_seed(int(seed)),
+        "manual_seed_all": lambda seed: None,  # torch.manual_seed calls it: seeds CPU already
+    }
+    for name, fn in patches.items():
+        setattr(cuda, name, fn)
+    cuda.random.get_rng_state = patches["get_rng_state"]
+    cuda.random.set_rng_state = patches["set_rng_state"]
+    cuda.nvtx = types.SimpleNamespace(
+        range_push=lambda *a, **k: None,
+        range_pop=lambda *a, **k: None,
+        range=lambda *a, **k: contextlib.nullcontext(),
+        mark=lambda *a, **k: None,
+    )
+
+
+def _patch_tensor_type() -> None:
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original(self)
+            if name.startswith("torch.") and not name.startswith("torch.cuda."):
+                return "torch.cuda." + name[len("torch.") :]
+            return name
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+
+
+def _patch_megatron_rng() -> None:
+    """megatron's tracker reads/writes CUDA generator state through private helpers."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.get_rng_state()
+    )
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+        torch.set_rng_state(new_state)
+    )
+
+    class _QuietTrackerWarning(logging.Filter):
+        # Inside fork() CPU ops legitimately advance the (shared) generator.
+        def filter(self, record):
+            return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+    logging.getLogger(mrandom.__name__).addFilter(_QuietTrackerWarning())
+
+
+def cpu_mode_active() -> bool:
+    return _INSTALLED
+
+
+def install() -> bool:
+    """Install the CPU redirection once per process. Returns True if it is active."""
+    global _INSTALLED, _MODE
+    if _INSTALLED:
+        return True
+    if torch.cuda.is_available():
+        return False
+    _patch_torch_cuda()
+    _patch_tensor_type()
+    _patch_megatron_rng()
+    _MODE = _CudaToCpu()
+    _MODE.__enter__()
+    _INSTALLED = True
+    return True
