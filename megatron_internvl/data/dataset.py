@@ -246,6 +246,10 @@ class SampleBuilder:
             return Skip(e.reason, spec.name, f.path, line_no, str(e))
         except TemplateError as e:
             return Skip(e.reason, spec.name, f.path, line_no, str(e))
+        except Exception as e:  # e.g. a lone UTF-16 surrogate the tokenizer rejects
+            # Any other failure on one record is still that record's problem: counted, logged
+            # with its type, and bounded by max_skip_ratio (a code bug shows up there at once).
+            return Skip("bad_record", spec.name, f.path, line_no, f"{type(e).__name__}: {str(e)[:200]}")
 
     # -- per kind
 

@@ -173,3 +173,9 @@ def test_real_decoders_errors_are_counted(tmp_path, tok, caplog):
     msgs = "\n".join(r.getMessage() for r in caplog.records)
     for line, what in ((2, "truncated.jpg"), (3, "text.png"), (4, "bad.mp4"), (6, "missing.jpg")):
         assert f"{ann}:{line}: skipped" in msgs and what in msgs
+
+
+def test_unencodable_text_is_a_bad_record(tmp_path, tok, caplog):
+    # a lone UTF-16 surrogate is valid JSON but no tokenizer accepts it
+    out = run(tmp_path, tok, '{"conversations": [{"from": "human", "value": "a\\ud800b"}, {"from": "gpt", "value": "x"}]}')
+    check(caplog, *out, "bad_record", "TypeError")

@@ -190,14 +190,23 @@ def test_v2pe_random_deltas_vary_per_image(tmp_path):
         0, 1, 2, 2.125, 2.25, 2.375, 4, 5, 6, 6 + 1 / 256, 6 + 2 / 256, 8, 9]
 
 
-def test_hermes2_exact(tmp_path, bpe):
+def check_positions(batch, ids, ctx_id, v2pe, delta):
+    pos = batch["position_ids"][0].double().numpy()
+    expected = hand_positions(ids, ctx_id, None if v2pe == "off" else [delta] * ids.count(ctx_id))
+    np.testing.assert_array_equal(pos, expected)
+    if v2pe == "off":
+        np.testing.assert_array_equal(pos, np.arange(len(ids)))
+
+
+@pytest.mark.parametrize("v2pe", ["off", "fixed"])
+def test_hermes2_exact(tmp_path, bpe, v2pe):
     from tokenizers import Tokenizer as Raw
 
     rec = {"image": "grace_hopper.jpg", "conversations": [
         {"from": "system", "value": "Be brief."},
         {"from": "human", "value": "<image>\n Who is this? "},
         {"from": "gpt", "value": " Grace Hopper. "}]}
-    batch, tok = one_sample(tmp_path, bpe, rec, template="Hermes-2")
+    batch, tok = one_sample(tmp_path, bpe, rec, template="Hermes-2", v2pe=v2pe, v2pe_delta=1 / 8)
     raw = Raw.from_file(bpe)
     S_, E_, enc, img = _bpe_pieces(raw, tok)
     # MPT-style ChatML: no newline after <|im_end|>; values are stripped; the sample's own
@@ -214,13 +223,15 @@ def test_hermes2_exact(tmp_path, bpe):
                                "Grace Hopper.<|im_end|>")
     assert batch["input_ids"][0].tolist() == ids
     assert batch["labels"][0].tolist() == shifted(unshifted)
+    check_positions(batch, ids, tok.img_context_id, v2pe, 1 / 8)
 
 
-def test_internlm2_chat_sentencepiece_exact(tmp_path, spm_model):
+@pytest.mark.parametrize("v2pe", ["off", "fixed"])
+def test_internlm2_chat_sentencepiece_exact(tmp_path, spm_model, v2pe):
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=spm_model)
-    batch, tok = one_sample(tmp_path, spm_model, PHOTO_RECORD, template="internlm2-chat", v2pe="fixed",
+    batch, tok = one_sample(tmp_path, spm_model, PHOTO_RECORD, template="internlm2-chat", v2pe=v2pe,
                             v2pe_delta=0.5)
     S_, E_ = sp.piece_to_id("<|im_start|>"), sp.piece_to_id("<|im_end|>")
     enc = sp.encode
@@ -237,17 +248,19 @@ def test_internlm2_chat_sentencepiece_exact(tmp_path, spm_model):
     unshifted = [t if sup else -100 for p, sup in parts for t in p]
     assert batch["input_ids"][0].tolist() == ids
     assert batch["labels"][0].tolist() == shifted(unshifted)
-    pos = batch["position_ids"][0].double().numpy()
-    np.testing.assert_array_equal(pos, hand_positions(ids, tok.img_context_id, [0.5]))
-    s = ids.index(tok.img_context_id)
-    assert pos[s + N_CTX] == pos[s - 1] + math.ceil(N_CTX * 0.5) + 1
+    check_positions(batch, ids, tok.img_context_id, v2pe, 0.5)
+    if v2pe == "fixed":
+        pos = batch["position_ids"][0].double().numpy()
+        s = ids.index(tok.img_context_id)
+        assert pos[s + N_CTX] == pos[s - 1] + math.ceil(N_CTX * 0.5) + 1
 
 
-def test_plain_pretraining_exact(tmp_path, bpe):
+@pytest.mark.parametrize("v2pe", ["off", "fixed"])
+def test_plain_pretraining_exact(tmp_path, bpe, v2pe):
     from tokenizers import Tokenizer as Raw
 
     rec = {"image": ["grace_hopper.jpg"], "text": "A photo: <image> Grace Hopper at work."}
-    batch, tok = one_sample(tmp_path, bpe, rec, kind="pretrain")
+    batch, tok = one_sample(tmp_path, bpe, rec, kind="pretrain", v2pe=v2pe, v2pe_delta=1 / 256)
     raw = Raw.from_file(bpe)
     _, _, enc, img = _bpe_pieces(raw, tok)
     eos = raw.token_to_id("<|endoftext|>")
@@ -257,6 +270,7 @@ def test_plain_pretraining_exact(tmp_path, bpe):
     unshifted = [t if sup else -100 for p, sup in parts for t in p]
     assert batch["input_ids"][0].tolist() == ids
     assert batch["labels"][0].tolist() == shifted(unshifted)
+    check_positions(batch, ids, tok.img_context_id, v2pe, 1 / 256)
 
 
 def test_text_only_conversation_and_corpus(tmp_path, bpe):
