@@ -236,3 +236,15 @@ def test_unknown_backend_and_bad_input():
         load_image_tiles(PHOTOS["flower"], max_tiles=6, backend="opencv")
     with pytest.raises(TypeError, match="path or encoded bytes"):
         load_image_tiles(12345, max_tiles=6)
+
+
+def test_normalisation_is_torchvision_arithmetic():
+    """Bit-identical to ToTensor + Normalize's float32 ops, so InternVL checkpoints see the
+    same inputs; the implementation reorders memory traffic, not arithmetic."""
+    tiles = np.random.default_rng(7).integers(0, 256, (3, 32, 32, 3), np.uint8)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    reference = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    out = normalize_tiles(tiles)
+    assert out.is_contiguous() and torch.equal(out, reference)
+    assert torch.equal(normalize_tiles([Image.fromarray(t) for t in tiles]), reference)
