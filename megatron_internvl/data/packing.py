@@ -157,29 +157,24 @@ def collate_pack(samples: Sequence[PackedSample], *, image_size: int, pad_to_mul
     each sample; a sample's last token and all padding get -100). cu_seqlens are the sample
     boundaries after image-token expansion, with the trailing padding as its own segment.
     """
-    n_real = sum(s.num_tokens for s in samples)
+    lens = [s.num_tokens for s in samples]
+    n_real = sum(lens)
     total = padded_length(max(n_real, 1), pad_to_multiple)
     pad = total - n_real
-    ids = np.full(total, pad_id, dtype=np.int64)
-    labels = np.full(total, -100, dtype=np.int64)
-    weights = np.zeros(total, dtype=np.float32)
-    pos = np.zeros(total, dtype=np.float32)
-    tok_ds = np.full(total, -1, dtype=np.int64)
-    cu = [0]
-    o = 0
-    for s in samples:
-        e = o + s.num_tokens
-        ids[o:e] = s.input_ids
-        labels[o:e] = s.labels
-        weights[o:e] = s.loss_weights
-        pos[o:e] = s.position_ids
-        tok_ds[o:e] = s.dataset_index
-        cu.append(e)
-        o = e
+    cu = np.zeros(len(samples) + 1 + (1 if pad else 0), dtype=np.int64)
+    np.cumsum(lens, out=cu[1:len(samples) + 1])
+    ids = [s.input_ids for s in samples]
+    labels = [s.labels for s in samples]
+    weights = [s.loss_weights for s in samples]
+    pos = [s.position_ids for s in samples]
     if pad:
-        pos[o:] = np.arange(pad, dtype=np.float32)
-        cu.append(total)
-    lens = np.diff(cu)
+        cu[-1] = total
+        ids.append(np.full(pad, pad_id, dtype=np.int64))
+        labels.append(np.full(pad, -100, dtype=np.int64))
+        weights.append(np.zeros(pad, dtype=np.float32))
+        pos.append(np.arange(pad, dtype=np.float32))
+    tok_ds = np.repeat(np.array([s.dataset_index for s in samples] + [-1], dtype=np.int64), lens + [pad])
+    seg = np.diff(cu)
     pix = [s.pixel_values for s in samples if s.tiles]
     if pix:
         pixel_values = torch.cat(pix, dim=0)
@@ -187,12 +182,12 @@ def collate_pack(samples: Sequence[PackedSample], *, image_size: int, pad_to_mul
         pixel_values = torch.zeros((0, 3, image_size, image_size), dtype=torch.float32)
     num_tiles = [n for s in samples for n in s.num_tiles]
     return {
-        "input_ids": torch.from_numpy(ids).unsqueeze(0),
-        "labels": torch.from_numpy(labels).unsqueeze(0),
-        "loss_weights": torch.from_numpy(weights).unsqueeze(0),
-        "position_ids": torch.from_numpy(pos).unsqueeze(0),
-        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
-        "max_seqlen": int(lens.max()) if len(lens) else 0,
+        "input_ids": torch.from_numpy(np.concatenate(ids).astype(np.int64, copy=False)).unsqueeze(0),
+        "labels": torch.from_numpy(np.concatenate(labels).astype(np.int64, copy=False)).unsqueeze(0),
+        "loss_weights": torch.from_numpy(np.concatenate(weights).astype(np.float32, copy=False)).unsqueeze(0),
+        "position_ids": torch.from_numpy(np.concatenate(pos).astype(np.float32, copy=False)).unsqueeze(0),
+        "cu_seqlens": torch.from_numpy(cu.astype(np.int32)),
+        "max_seqlen": int(seg.max()) if len(seg) else 0,
         "pixel_values": pixel_values,
         "image_flags": torch.ones(pixel_values.shape[0], dtype=torch.long),
         "num_tiles": torch.tensor(num_tiles, dtype=torch.long),
