@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 
 import numpy as np
@@ -13,7 +14,7 @@ from megatron_internvl.data.config import DataConfig, DatasetSpec
 from megatron_internvl.data.dataset import GlobalOrder, build_data_loader
 from megatron_internvl.data.sources import JsonlFile, SourceError, load_meta
 
-from .helpers import FakeMedia, batch_digest, make_toy_data, toy_config, train_bpe, write_jsonl
+from .helpers import FakeMedia, batch_digest, make_toy_data, toy_config, train_bpe, write_image, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,43 @@ def test_all_kinds_are_read(toy):
             per_ds[loader.dataset_names[int(b["token_dataset"][0, cu[k]])]] += 1
     assert set(per_ds) == {"single", "multi", "text", "video", "pretrain", "corpus"}
     assert loader.stats()["samples_skipped"] == 0
+
+
+class RecordingMedia(FakeMedia):
+    def __init__(self, image_size):
+        super().__init__(image_size)
+        self.calls = []
+
+    def image_tiles(self, path, *, max_tiles, min_tiles, augment, rng):
+        self.calls.append((os.path.basename(path), max_tiles, augment))
+        return super().image_tiles(path, max_tiles=max_tiles, min_tiles=min_tiles, augment=augment, rng=rng)
+
+
+def test_per_dataset_tile_budget_augmentation_and_template(tmp_path, toy):
+    _, tok = toy
+    root = str(tmp_path / "img")
+    for k in range(10):
+        write_image(os.path.join(root, f"{k}.png"), 400, 20)          # wide: wants many tiles
+    three = {"image": ["0.png", "1.png", "2.png"], "conversations": [
+        {"from": "human", "value": "<image><image><image>\nq"}, {"from": "gpt", "value": "a"}]}
+    ten = {"image": [f"{k}.png" for k in range(10)], "conversations": [
+        {"from": "human", "value": "<image>" * 10 + "\nq"}, {"from": "gpt", "value": "a"}]}
+    a = write_jsonl(str(tmp_path / "a.jsonl"), [three])
+    b = write_jsonl(str(tmp_path / "b.jsonl"), [ten])
+    specs = [DatasetSpec("a", a, root=root, max_dynamic_patch=8, data_augment=True),
+             DatasetSpec("b", b, root=root, max_dynamic_patch=8, template="Hermes-2")]
+    media = RecordingMedia(8)
+    cfg = DataConfig(datasets=specs, tokenizer_path=tok, image_size=8, num_image_token=4, max_tokens=1024,
+                     max_tiles=48, pad_to_multiple=8, num_workers=0, system_message="S")
+    loader = build_data_loader(cfg, media_loader=media, stop_after=2)
+    batches = list(loader)
+    # each image of a multi-image sample gets max(1, n_max // n_images) tiles
+    assert sorted(media.calls) == sorted([(f"{k}.png", 2, True) for k in range(3)]
+                                         + [(f"{k}.png", 1, False) for k in range(10)])
+    from megatron_internvl.data.tokenizer import load_tokenizer
+
+    t = load_tokenizer(tok)
+    texts = [t.decode(b["input_ids"][0, a_:b_].tolist()) for b in batches
+             for a_, b_ in zip(b["cu_seqlens"][:-1].tolist(), b["cu_seqlens"][1:].tolist())]
+    assert any(x.startswith("<|im_start|>system\nS<|im_end|><|im_start|>user") for x in texts)   # Hermes-2
+    assert any(x.startswith("<|im_start|>system\nS<|im_end|>\n<|im_start|>user") for x in texts)  # internvl2_5
