@@ -17,6 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from .rotary import FloatRotary
+from .specs import block_spec
 
 
 class LanguageModel(MegatronModule):
@@ -48,7 +49,11 @@ class LanguageModel(MegatronModule):
             )
         self.rotary = FloatRotary(config.kv_channels, rope_theta)
         self.decoder = TransformerBlock(
-            config, layer_spec, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
+            config,
+            block_spec(config, layer_spec, vp_stage),
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
         )
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(

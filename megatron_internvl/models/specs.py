@@ -15,6 +15,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from .attention import CoreAttention
@@ -85,6 +89,21 @@ def te_decoder_layer_spec(attn_mask_type=AttnMaskType.causal) -> ModuleSpec:
     spec = get_gpt_layer_with_transformer_engine_spec()
     spec.submodules.self_attention.params["attn_mask_type"] = attn_mask_type
     return spec
+
+
+def block_spec(config, layer_spec: ModuleSpec, vp_stage=None) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers plus the final norm matching the layer spec's backend.
+
+    megatron's default final norm for a bare layer spec is ``WrappedTorchNorm``, which refuses
+    sequence parallelism; the local spec uses the project's :class:`Norm` instead.
+    """
+    num_layers = get_num_layers_to_build(config, vp_stage)
+    norm = layer_spec.submodules.pre_mlp_layernorm
+    if norm is IdentityOp:  # TE fuses the layer norms into the linears; final norm is TENorm
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        norm = TENorm
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=norm)
 
 
 def decoder_layer_spec(preference: str = "auto", attn_mask_type=AttnMaskType.causal) -> ModuleSpec:

@@ -7,8 +7,10 @@ megatron-core code paths run on gloo CPU ranks:
 
 1. ``_CudaToCpu`` (a ``torch.overrides.TorchFunctionMode``) rewrites ``device="cuda"``,
    ``"cuda:N"``, ``torch.device("cuda", N)`` and bare integer devices (what
-   ``torch.cuda.current_device()`` returns) to CPU in tensor factories and ``.to()``; makes
-   ``Tensor.cuda()``, ``pin_memory()`` and ``record_stream()`` no-ops.
+   ``torch.cuda.current_device()`` returns) to CPU in every torch call; makes ``Tensor.cuda()``,
+   ``pin_memory()`` and ``record_stream()`` no-ops. Function modes are not active inside
+   autograd's backward, where megatron also allocates (sequence-parallel reduce-scatter), so the
+   tensor factories and those Tensor methods are patched directly as well.
 2. ``torch.cuda.*`` device, stream, event, memory and RNG functions are replaced by CPU
    equivalents or no-ops. The "CUDA" RNG is the CPU default generator, so megatron's
    model-parallel RNG tracker (``get_cuda_rng_tracker().fork()``) really forks the generator that
@@ -215,6 +217,48 @@ def _patch_megatron_rng() -> None:
     logging.getLogger(mrandom.__name__).addFilter(_QuietTrackerWarning())
 
 
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "arange", "tensor", "as_tensor", "rand", "randn", "randint",
+    "randperm", "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+    "empty_strided", "linspace", "eye",
+)
+
+
+def _patch_factories() -> None:
+    """The function mode is not active inside autograd's backward (e.g. megatron's
+    sequence-parallel reduce-scatter allocates with ``device=current_device()`` there), so the
+    tensor factories and the CUDA-moving Tensor methods are also patched directly."""
+
+    def wrap(fn):
+        def factory(*args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _to_cpu_device(kwargs["device"])
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
+            return fn(*args, **kwargs)
+
+        factory.__name__ = getattr(fn, "__name__", "factory")
+        factory.__doc__ = fn.__doc__
+        return factory
+
+    for name in _FACTORIES:
+        setattr(torch, name, wrap(getattr(torch, name)))
+
+    original_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args and _is_cuda_device(args[0]):
+            args = (_CPU,) + tuple(args[1:])
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        return original_to(self, *args, **kwargs)
+
+    torch.Tensor.to = to
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+    torch.Tensor.record_stream = lambda self, *args, **kwargs: None
+
+
 def cpu_mode_active() -> bool:
     return _INSTALLED
 
@@ -229,6 +273,7 @@ def install() -> bool:
     _patch_torch_cuda()
     _patch_tensor_type()
     _patch_megatron_rng()
+    _patch_factories()
     _MODE = _CudaToCpu()
     _MODE.__enter__()
     _INSTALLED = True
