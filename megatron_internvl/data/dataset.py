@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig, DatasetSpec
-from .images import ImageDecodeError
+from .images import ImageDecodeError, load_image_tiles
 from .loss_weights import square_average_weights
 from .packing import PackedSample, TwoBudgetPacker, collate_pack
 from .positions import image_deltas, position_ids
@@ -56,7 +56,7 @@ from .templates import (
 )
 from .tiling import tile_budget_per_image
 from .tokenizer import Tokenizer, load_tokenizer
-from .video import VideoDecodeError
+from .video import VideoDecodeError, load_video_tiles
 
 logger = logging.getLogger("megatron_internvl.data")
 
@@ -92,15 +92,11 @@ class MediaLoader:
 
     def image_tiles(self, path: str, *, max_tiles: int, min_tiles: int, augment: bool,
                     rng: np.random.Generator) -> torch.Tensor:
-        from .images import load_image_tiles
-
         return load_image_tiles(path, max_tiles=max_tiles, min_tiles=min_tiles, image_size=self.image_size,
                                 use_thumbnail=self.use_thumbnail, jpeg_augment=augment, rng=rng,
                                 backend=self.backend)
 
     def video_frames(self, path: str, *, rng: np.random.Generator) -> torch.Tensor:
-        from .video import load_video_tiles
-
         # frames are the middle of equal segments: deterministic, no rng needed
         return load_video_tiles(path, num_frames=self.num_video_frames, image_size=self.image_size)
 
@@ -431,8 +427,8 @@ class SampleStream(torch.utils.data.IterableDataset):
             j += W
 
 
-def _first(batch):
-    return batch
+def _identity(item):
+    return item
 
 
 @dataclass
@@ -447,7 +443,7 @@ class SkipStats:
     def by_reason(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for k, n in self.counts.items():
-            r = k.split("/", 1)[1]
+            r = k.rsplit("/", 1)[1]
             out[r] = out.get(r, 0) + n
         return out
 
@@ -504,7 +500,7 @@ class PackedDataLoader:
         if self.cfg.num_workers and "TOKENIZERS_PARALLELISM" not in os.environ:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self._loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=W, collate_fn=_first,
+            stream, batch_size=None, num_workers=W, collate_fn=_identity,
             prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
         )
         return iter(self._loader)
