@@ -50,6 +50,9 @@ class LanguageConfig:
     norm_eps: float = 1e-6
     qkv_bias: bool = True
     max_position_embeddings: int = 32768
+    # The model pads its vocabulary to a multiple of this x tensor_parallel (logits of the padding
+    # are -inf; checkpoints keep the real rows only).
+    make_vocab_size_divisible_by: int = 128
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""From the project's config to megatron-core objects (TransformerConfig, layer specs, modules)."""
+"""From the project's config to megatron-core objects (TransformerConfig, layer specs, modules).
+
+``build_internvl_model`` is the one entry point the trainer and tools use; the LLM and the ViT
+get their own TransformerConfig (the ViT: never pipeline-split, never sequence-parallel, heads
+padded to a multiple of TP, BF16 even under FP8 -- see docs/model.md).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,12 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .internvl import InternVLModel
 from .language import LanguageModel
-from .specs import decoder_layer_spec, use_transformer_engine
+from .padding import padded_num_heads, padded_vocab_size
+from .projector import Projector
+from .specs import decoder_layer_spec, use_transformer_engine, vision_layer_spec
+from .vision import InternViT
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
@@ -73,4 +82,85 @@ def build_language_model(model, parallel, precision="fp32", pre_process=True, po
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
+        padded_vocab_size=model_padded_vocab_size(model, parallel),
     )
+
+
+def model_padded_vocab_size(model, parallel) -> int:
+    """Rows of the LLM embedding / output layer inside the model for this TP size."""
+    lang = model.language
+    return padded_vocab_size(lang.vocab_size, parallel.tensor_parallel,
+                             getattr(lang, "make_vocab_size_divisible_by", 128))
+
+
+def vision_transformer_config(model, parallel, precision: str = "fp32") -> TransformerConfig:
+    vis = model.vision
+    dtype = _DTYPES[precision]
+    tp = parallel.tensor_parallel
+    heads = padded_num_heads(vis.num_heads, tp)
+    if vis.hidden_size % vis.num_heads:
+        raise ValueError(
+            f"model.vision.hidden_size={vis.hidden_size} is not divisible by "
+            f"model.vision.num_heads={vis.num_heads}"
+        )
+    kwargs = {}
+    if model.recompute != "none":
+        kwargs["recompute_granularity"] = model.recompute
+        if model.recompute == "full":
+            kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=vis.num_layers,
+        hidden_size=vis.hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=heads,
+        kv_channels=vis.hidden_size // vis.num_heads,
+        ffn_hidden_size=vis.ffn_hidden_size,
+        normalization="RMSNorm" if vis.norm == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=vis.norm_eps,
+        gated_linear_unit=False,
+        activation_func=F.gelu,  # exact GELU; megatron's fused bias-GELU is the tanh approximation
+        add_bias_linear=True,
+        add_qkv_bias=vis.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=1,  # the whole tower sits on the first stage
+        context_parallel_size=1,
+        sequence_parallel=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # fp8 stays off: a 448 tile is 1025 tokens, not a multiple of 16 (FP8 GEMM shapes).
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        **kwargs,
+    )
+
+
+def build_vision_model(model, parallel, precision="fp32") -> InternViT:
+    config = vision_transformer_config(model, parallel, precision)
+    return InternViT(config, vision_layer_spec(model.spec, model.vision),
+                     model.vision.image_size, model.vision.patch_size)
+
+
+def build_internvl_model(model, parallel, precision="fp32", pre_process=True, post_process=True,
+                         vp_stage=None) -> InternVLModel:
+    """The model chunk of this pipeline stage (vision tower + projector on the first one)."""
+    model.validate()
+    language = build_language_model(model, parallel, precision, pre_process, post_process, vp_stage)
+    vision = projector = None
+    if pre_process:
+        vision = build_vision_model(model, parallel, precision)
+        scale = round(1 / model.downsample_ratio)
+        projector = Projector(language.config, model.vision.hidden_size * scale * scale,
+                              model.language.hidden_size, model.projector_norm_eps)
+    vlm = InternVLModel(language, vision, projector, model.image_token_id, model.downsample_ratio)
+    if vision is not None and vlm.num_image_token != model.num_image_token:
+        raise AssertionError(f"num_image_token {vlm.num_image_token} != {model.num_image_token}")
+    return vlm

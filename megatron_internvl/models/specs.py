@@ -23,6 +23,21 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from .attention import CoreAttention
 from .norms import Norm
+from .vision import InternViTLayer, InternViTSelfAttention, ViTQKNorm
+
+# One checkpoint layout for both specs: TE fuses the pre-attention / pre-MLP norms into the next
+# linear, so the local spec stores its separate norms under TE's names.
+_FUSED_NORM_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+class ColumnParallelLinearNoBias(ColumnParallelLinear):
+    """InternViT-6B's qkv has no bias while its other linears do (megatron has one flag for all)."""
+
+    def __init__(self, *args, bias=True, **kwargs):
+        super().__init__(*args, bias=False, **kwargs)
 
 
 def transformer_engine_available() -> bool:
@@ -75,10 +90,7 @@ def local_decoder_layer_spec(attn_mask_type=AttnMaskType.causal) -> ModuleSpec:
             ),
             mlp_bda=get_bias_dropout_add,
             # Same checkpoint keys as the TE spec, whose norms are fused into the linears.
-            sharded_state_dict_keys_map={
-                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-            },
+            sharded_state_dict_keys_map=dict(_FUSED_NORM_KEYS),
         ),
     )
 
@@ -110,3 +122,88 @@ def decoder_layer_spec(preference: str = "auto", attn_mask_type=AttnMaskType.cau
     if use_transformer_engine(preference):
         return te_decoder_layer_spec(attn_mask_type)
     return local_decoder_layer_spec(attn_mask_type)
+
+
+def _vision_attention_params(vision) -> dict:
+    return {"attn_mask_type": AttnMaskType.no_mask, "real_heads": vision.num_heads}
+
+
+def _vision_layer_params(vision) -> dict:
+    return {"layer_scale_init": vision.layer_scale_init, "drop_path_rate": vision.drop_path_rate}
+
+
+def local_vision_layer_spec(vision) -> ModuleSpec:
+    """InternViT layer from local megatron-core linears and the project's attention (CPU)."""
+    qk_norm = ModuleSpec(module=ViTQKNorm, params={"real_heads": vision.num_heads})
+    return ModuleSpec(
+        module=InternViTLayer,
+        params=_vision_layer_params(vision),
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=Norm,
+            self_attention=ModuleSpec(
+                module=InternViTSelfAttention,
+                params=_vision_attention_params(vision),
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear if vision.qkv_bias else ColumnParallelLinearNoBias,
+                    core_attention=CoreAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=qk_norm if vision.qk_norm else IdentityOp,
+                    k_layernorm=qk_norm if vision.qk_norm else IdentityOp,
+                ),
+            ),
+            pre_mlp_layernorm=Norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            sharded_state_dict_keys_map=dict(_FUSED_NORM_KEYS),
+        ),
+    )
+
+
+def te_vision_layer_spec(vision) -> ModuleSpec:
+    """InternViT layer from Transformer Engine modules (GPU). Untested here: no GPU, no TE."""
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    qkv = TELayerNormColumnParallelLinear
+    if not vision.qkv_bias:
+
+        class TELayerNormColumnParallelLinearNoBias(TELayerNormColumnParallelLinear):
+            def __init__(self, *args, bias=True, **kwargs):
+                super().__init__(*args, bias=False, **kwargs)
+
+        qkv = TELayerNormColumnParallelLinearNoBias
+    qk_norm = ModuleSpec(module=ViTQKNorm, params={"real_heads": vision.num_heads})
+    return ModuleSpec(
+        module=InternViTLayer,
+        params=_vision_layer_params(vision),
+        submodules=TransformerLayerSubmodules(
+            self_attention=ModuleSpec(
+                module=InternViTSelfAttention,
+                params=_vision_attention_params(vision),
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=qkv,
+                    core_attention=TEDotProductAttention,
+                    linear_proj=TERowParallelLinear,
+                    q_layernorm=qk_norm if vision.qk_norm else IdentityOp,
+                    k_layernorm=qk_norm if vision.qk_norm else IdentityOp,
+                ),
+            ),
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear
+                ),
+            ),
+        ),
+    )
+
+
+def vision_layer_spec(preference: str, vision) -> ModuleSpec:
+    if use_transformer_engine(preference):
+        return te_vision_layer_spec(vision)
+    return local_vision_layer_spec(vision)

@@ -1,0 +1,86 @@
+"""Padding that tensor parallelism needs, kept out of checkpoints.
+
+Two sizes in InternVL do not divide every tensor-parallel size:
+- the LLM vocabulary (151674 for Qwen2.5): embedding and output layer are padded to a multiple
+  of ``make_vocab_size_divisible_by * TP`` rows; padded logits are set to -inf;
+- InternViT-6B's 25 attention heads: padded to a multiple of TP with dummy heads whose q/k/v rows
+  and output-projection columns are zero (so they contribute nothing and get zero gradients).
+
+The padding sits at the end of its axis (the last vocab rows, the last heads), and depends on TP.
+Checkpoints and the canonical full tensors of :mod:`megatron_internvl.parallel.sharding` hold
+only the real rows: :func:`trim_padding` turns a module's ShardedTensor into a
+ShardedTensorFactory whose shards cover the real part of the global tensor (an irregular grid,
+which dist_checkpointing accepts) and whose merge re-pads with zeros on load. So a checkpoint
+saved at TP=2 loads at TP=8, and converters never see padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int = 128) -> int:
+    """Rows of the embedding / output layer inside the model (megatron's rule)."""
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def padded_num_heads(num_heads: int, tensor_parallel: int) -> int:
+    """Attention heads inside the ViT: the next multiple of TP (25 -> 26, 28, 32 at TP 2, 4, 8)."""
+    return -(-num_heads // tensor_parallel) * tensor_parallel
+
+
+def trim_padding(sh: ShardedTensor, axis: int, real_size: int) -> ShardedTensorFactory:
+    """Describe only the first ``real_size`` entries of the global tensor along ``axis``.
+
+    ``axis`` counts the local tensor's dimensions (not megatron's prepended layer axis). Ranks
+    whose slice is all padding produce no shard; on load their padding is filled with zeros.
+    """
+    n = sh.prepend_axis_num
+    offset = sh.global_offset[n + axis]
+    local = sh.local_shape[axis]
+    keep = max(0, min(local, real_size - offset))
+    global_shape = list(sh.global_shape)
+    global_shape[n + axis] = real_size
+    local_shape = tuple(sh.local_shape)
+    dtype = sh.data.dtype
+
+    def build(key, data, replica_id, flattened_range):
+        if flattened_range is not None:
+            raise NotImplementedError(f"{key}: flattened (padded) shards are not supported")
+        if keep == 0:
+            return {}
+        part = data.narrow(axis, 0, keep)
+        shape = list(local_shape)
+        shape[axis] = keep
+        out = dataclasses.replace(
+            sh, key=key, data=part, dtype=part.dtype, local_shape=tuple(shape),
+            global_shape=tuple(global_shape), axis_fragmentations=None, replica_id=replica_id,
+            allow_shape_mismatch=False,
+        )
+        out.validate_metadata_integrity()
+        return out
+
+    def merge(loaded):
+        if isinstance(loaded, torch.Tensor) and loaded.shape[axis] == local:
+            return loaded
+        full = torch.zeros(local_shape, dtype=loaded.dtype if isinstance(loaded, torch.Tensor) else dtype)
+        if isinstance(loaded, torch.Tensor):
+            full.narrow(axis, 0, loaded.shape[axis]).copy_(loaded)
+        return full
+
+    return ShardedTensorFactory(sh.key, sh.data, build, merge, sh.replica_id)
+
+
+def trim_entries(sharded_state_dict: dict, suffix_axes: dict[str, int], real_size: int) -> None:
+    """Apply :func:`trim_padding` in place to the entries whose dict key ends with a suffix."""
+    for key, value in list(sharded_state_dict.items()):
+        if not isinstance(value, ShardedTensor):
+            continue
+        for suffix, axis in suffix_axes.items():
+            if key.endswith(suffix):
+                sharded_state_dict[key] = trim_padding(value, axis, real_size)
+                break
