@@ -68,21 +68,36 @@ def load_meta(path: str) -> list[DatasetSpec]:
 class JsonlFile:
     """Byte offsets of the non-empty lines of a jsonl file, for random access by index."""
 
+    # scanned in pieces: annotation files can be larger than the memory one should spend on them
+    CHUNK = 1 << 26
+
     def __init__(self, path: str):
         if not os.path.isfile(path):
             raise SourceError(f"annotation file {path!r} does not exist.")
         self.path = path
-        data = np.fromfile(path, dtype=np.uint8)
-        nl = np.flatnonzero(data == 10)
+        newlines = []
+        with open(path, "rb") as f:
+            size = 0
+            while True:
+                buf = f.read(self.CHUNK)
+                if not buf:
+                    break
+                newlines.append(np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10) + size)
+                size += len(buf)
+        nl = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
         starts = np.concatenate(([0], nl + 1)).astype(np.int64)
-        ends = np.concatenate((nl, [data.size])).astype(np.int64)
+        ends = np.concatenate((nl, [size])).astype(np.int64)
         line_no = np.arange(1, starts.size + 1, dtype=np.int64)
         length = ends - starts
         # drop empty lines (and a lone "\r") so a trailing newline is not a bad record
         keep = length > 0
-        if data.size:
-            first = data[np.minimum(starts, data.size - 1)]
-            keep &= ~((length == 1) & (first == 13))
+        one = np.flatnonzero(keep & (length == 1))
+        if one.size:
+            with open(path, "rb") as f:
+                for k in one:
+                    f.seek(int(starts[k]))
+                    if f.read(1) == b"\r":
+                        keep[k] = False
         self.starts = starts[keep]
         self.ends = ends[keep]
         self.line_no = line_no[keep]

@@ -43,12 +43,14 @@ def test_meta_file_parsing(toy, tmp_path):
         load_meta(str(bad))
 
 
-def test_jsonl_index_skips_blank_lines(tmp_path):
+@pytest.mark.parametrize("chunk", [1 << 26, 3, 1])
+def test_jsonl_index_skips_blank_lines(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(JsonlFile, "CHUNK", chunk)
     p = tmp_path / "a.jsonl"
-    p.write_bytes(b'{"a": 1}\n\n{"a": 2}\r\n{"a": 3}')
+    p.write_bytes(b'{"a": 1}\n\n{"a": 2}\r\n\r\n{"a": 3}')
     f = JsonlFile(str(p))
     assert len(f) == 3
-    assert [f.read(i) for i in range(3)] == [(1, b'{"a": 1}'), (3, b'{"a": 2}\r'), (4, b'{"a": 3}')]
+    assert [f.read(i) for i in range(3)] == [(1, b'{"a": 1}'), (3, b'{"a": 2}\r'), (5, b'{"a": 3}')]
 
 
 def test_config_validate_messages(toy):
