@@ -8,7 +8,7 @@ others. To add one (e.g. packing), write ``bench_packing(args)`` here or in
 ``SECTIONS``.
 
     python bench/data_pipeline.py                      # all sections
-    python bench/data_pipeline.py --sections decode --min-time 1
+    python bench/data_pipeline.py --sections decode --min-time 1 --rounds 3
 """
 
 from __future__ import annotations
@@ -90,33 +90,39 @@ def decode_inputs(tmpdir: str) -> list[tuple[str, bytes]]:
     return inputs
 
 
-def _throughput(fn: Callable[[], int], min_time: float, min_calls: int) -> dict:
-    """Call ``fn`` (returns tiles made) after one warm-up until both limits are met.
-
-    Reports tiles per CPU-second of this process (all its threads), the per-core figure that
-    stays meaningful on a shared machine, and tiles per wall-second beside it.
-    """
-    fn()
+def _measure(fn: Callable[[], int], seconds: float) -> tuple[int, int, float, float]:
+    """Call ``fn`` (returns tiles made) at least once and until ``seconds`` of wall time pass."""
     tiles = calls = 0
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    while calls < min_calls or time.perf_counter() - wall0 < min_time:
+    while calls == 0 or time.perf_counter() - wall0 < seconds:
         tiles += fn()
         calls += 1
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    return tiles, calls, time.process_time() - cpu0, time.perf_counter() - wall0
+
+
+def _summarise(samples: list[tuple[int, int, float, float]]) -> dict:
+    rounds = sorted(samples, key=lambda x: x[0] / x[2])  # by tiles per CPU-second
+    tiles, calls, cpu, _ = rounds[len(rounds) // 2]
     return {
-        "calls": calls,
-        "tiles": tiles,
-        "cpu_s": round(cpu, 4),
-        "wall_s": round(wall, 4),
+        "rounds": len(samples),
+        "calls": sum(n for _, n, _, _ in samples),
         "tiles_per_cpu_s": round(tiles / cpu, 2),
-        "tiles_per_wall_s": round(tiles / wall, 2),
+        "tiles_per_cpu_s_min": round(rounds[0][0] / rounds[0][2], 2),
+        "tiles_per_cpu_s_max": round(rounds[-1][0] / rounds[-1][2], 2),
         "ms_per_image_cpu": round(1000 * cpu / calls, 2),
+        "tiles_per_wall_s": round(sum(x[0] for x in samples) / sum(x[3] for x in samples), 2),
     }
 
 
 def bench_decode(args) -> dict:
     """Tiles/s per CPU core for the PIL and DALI (CPU) backends, with and without the JPEG
-    augmentation, and the DALI-vs-PIL difference on each input."""
+    augmentation, and the DALI-vs-PIL difference on each input.
+
+    Throughput is tiles per CPU-second of this process (all its threads): the per-core figure,
+    which stays meaningful on a shared machine. The cells of one input are measured in
+    interleaved rounds and the median round is reported, so a burst of load elsewhere hits all
+    backends alike instead of one.
+    """
     import numpy as np
     import torch
 
@@ -137,20 +143,29 @@ def bench_decode(args) -> dict:
         inputs = decode_inputs(tmpdir)
         for name, data in inputs:
             row = {"input": name, "bytes": len(data)}
-            outputs = {}
+            cells = {}
             for backend, decoder in decoders.items():
                 for key, augment in ((backend, False), (backend + "_jpeg_aug", True)):
                     seeds = itertools.count(1)  # a fresh generator per call, as per sample
 
-                    def run():
+                    def run(decoder=decoder, augment=augment, seeds=seeds):
                         rng = np.random.default_rng(next(seeds)) if augment else None
                         x = load_image_tiles(
                             data, jpeg_augment=augment, rng=rng, backend=decoder, **kw
                         )
                         return int(x.shape[0])
 
-                    row[key] = _throughput(run, args.min_time, args.min_calls)
-                outputs[backend] = load_image_tiles(data, backend=decoder, **kw)
+                    cells[key] = run
+            samples = {key: [] for key in cells}
+            for fn in cells.values():
+                fn()  # warm-up: pipeline build, first-touch allocations
+            for _ in range(args.rounds):
+                for key, fn in cells.items():
+                    samples[key].append(_measure(fn, args.min_time / args.rounds))
+            for key in cells:
+                row[key] = _summarise(samples[key])
+
+            outputs = {b: load_image_tiles(data, backend=d, **kw) for b, d in decoders.items()}
             row["tiles_per_image"] = int(outputs["pil"].shape[0])
             if "dali" in outputs:
                 d = (outputs["pil"] - outputs["dali"]).abs()
@@ -171,11 +186,11 @@ def bench_decode(args) -> dict:
 
     backends = list(decoders)
     totals = {}
-    for b in backends:
-        for key in (b, b + "_jpeg_aug"):
-            tiles = sum(r[key]["tiles"] for r in rows)
-            cpu = sum(r[key]["cpu_s"] for r in rows)
-            totals[key] = round(tiles / cpu, 2)
+    for key in cells:
+        # all inputs together: total tiles over total CPU time, from the median rounds
+        tiles = sum(r["tiles_per_image"] for r in rows)
+        cpu = sum(r["tiles_per_image"] / r[key]["tiles_per_cpu_s"] for r in rows)
+        totals[key] = round(tiles / cpu, 2)
     return {
         "title": "Tile decoding (images -> normalised 448px tiles)",
         "markdown": _decode_markdown(rows, backends, totals, args),
@@ -201,9 +216,11 @@ def _decode_markdown(rows, backends, totals, args) -> str:
         f"{args.max_tiles}, image_size=448, use_thumbnail=True)` from encoded bytes in memory "
         "(decode, grid resize, thumbnail, crop, ImageNet normalisation to float32), one thread "
         "(`torch.set_num_threads(1)`, DALI `num_threads=1`, CPU pipeline). Each cell: one "
-        f"warm-up call, then calls until at least {args.min_time} s and {args.min_calls} calls; "
-        "throughput is tiles per CPU-second of the process (all threads), i.e. per core, which "
-        "stays meaningful on a shared machine. `+jpeg` adds the per-tile JPEG re-compression "
+        f"warm-up call, then {args.rounds} rounds interleaving all cells of the input, each cell "
+        f"timed for {args.min_time / args.rounds:.2f} s per round; the median round is shown "
+        "(min-max of the rounds in the JSON). Throughput is tiles per CPU-second of the process "
+        "(all threads), i.e. per core, which stays meaningful on a shared machine. "
+        "`+jpeg` adds the per-tile JPEG re-compression "
         "(quality drawn from [75, 100]). Inputs: the three sample photos and each resized with "
         "Pillow and saved as JPEG quality 90.",
         "",
@@ -280,8 +297,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated, from: {', '.join(SECTIONS)}")
     parser.add_argument("--max-tiles", type=int, default=12)
-    parser.add_argument("--min-time", type=float, default=2.0, help="seconds per measured cell")
-    parser.add_argument("--min-calls", type=int, default=3)
+    parser.add_argument("--min-time", type=float, default=2.5,
+                        help="seconds of measurement per cell, split over the rounds")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SECTIONS]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 from abc import ABC, abstractmethod
+import weakref
 from collections import Counter
 from typing import Sequence, Union
 
@@ -258,9 +259,11 @@ class DALIDecoder(TileDecoder):
     RGB or greyscale; other formats (PNG, GIF, WebP, CMYK JPEG, ...) go through Pillow so that
     colour conversion stays identical to the PIL backend. ``stats`` counts which path ran.
 
-    The pipelines are built lazily in the process that uses them and rebuilt after a fork, since
-    a DALI pipeline's worker threads do not survive ``fork()``; they are also rebuilt after a
-    decode error, because DALI invalidates a pipeline that raised.
+    The pipelines are built lazily on first use. They are shut down just before any
+    ``os.fork()`` (data-loader workers), because a DALI pipeline's threads do not exist in the
+    child and touching or even freeing the inherited copy there crashes; parent and child each
+    rebuild on next use (about 10 ms). They are also rebuilt after a decode error, because DALI
+    invalidates a pipeline that raised.
     """
 
     name = "dali"
@@ -280,7 +283,7 @@ class DALIDecoder(TileDecoder):
         self.device = device
         self.num_threads = num_threads
         self.stats: Counter[str] = Counter()
-        self._pid: int | None = None
+        _LIVE_DALI_DECODERS.add(self)
         self._image_pipe = None
         self._tile_pipe = None
         self._tile_capacity = 0
@@ -290,11 +293,15 @@ class DALIDecoder(TileDecoder):
     def _device_id(self):
         return torch.cuda.current_device() if self.device == "gpu" else None
 
-    def _check_pid(self) -> None:
-        if self._pid != os.getpid():
-            self._image_pipe = self._tile_pipe = None
-            self._tile_capacity = 0
-            self._pid = os.getpid()
+    def _release_pipelines(self) -> None:
+        for pipe in (self._image_pipe, self._tile_pipe):
+            # DALI has no public close(); its destructor calls _shutdown(). Call it here so the
+            # threads are joined now, before a fork, whatever else still references the pipe.
+            shutdown = getattr(pipe, "_shutdown", None)
+            if shutdown is not None:
+                shutdown()
+        self._image_pipe = self._tile_pipe = None
+        self._tile_capacity = 0
 
     def _new_pipeline(self, batch_size: int):
         from nvidia.dali import Pipeline
@@ -368,7 +375,6 @@ class DALIDecoder(TileDecoder):
         cols, rows = choose_grid(header.width, header.height, min_tiles, max_tiles, image_size)
         want_thumb = use_thumbnail and cols * rows > 1
         thumb_side = image_size if want_thumb else 1  # a 1x1 thumbnail costs ~nothing; dropped
-        self._check_pid()
         if self._image_pipe is None:
             self._image_pipe = self._build_image_pipe()
         pipe = self._image_pipe
@@ -394,7 +400,6 @@ class DALIDecoder(TileDecoder):
     def jpeg_compress(self, tiles, qualities):
         if len(tiles) != len(qualities):
             raise ValueError(f"{len(tiles)} tiles but {len(qualities)} JPEG qualities")
-        self._check_pid()
         if self._tile_pipe is None or len(tiles) > self._tile_capacity:
             self._tile_capacity = max(64, len(tiles))
             self._tile_pipe = self._build_tile_pipe(self._tile_capacity)
@@ -408,6 +413,17 @@ class DALIDecoder(TileDecoder):
             self._tile_pipe = None
             raise
 
+
+_LIVE_DALI_DECODERS: "weakref.WeakSet[DALIDecoder]" = weakref.WeakSet()
+
+
+def _release_dali_pipelines_before_fork() -> None:
+    for decoder in list(_LIVE_DALI_DECODERS):
+        decoder._release_pipelines()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_release_dali_pipelines_before_fork)
 
 _DECODERS: dict[tuple[int, str], TileDecoder] = {}
 

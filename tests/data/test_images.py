@@ -248,3 +248,27 @@ def test_normalisation_is_torchvision_arithmetic():
     out = normalize_tiles(tiles)
     assert out.is_contiguous() and torch.equal(out, reference)
     assert torch.equal(normalize_tiles([Image.fromarray(t) for t in tiles]), reference)
+
+
+_FORK_DECODER = {}
+
+
+def _decode_in_child(path):
+    torch.set_num_threads(1)  # as torch's DataLoader workers do: OpenMP does not survive fork
+    x = load_image_tiles(path, max_tiles=6, backend=_FORK_DECODER["dali"])
+    return float(x.double().sum()), _FORK_DECODER["dali"].stats["dali"]
+
+
+@pytest.mark.timeout(120)
+def test_dali_decoder_survives_fork(dali):
+    """Data-loader workers are forked after the parent may have used the decoder; DALI's threads
+    do not survive fork, so the child must build its own pipeline rather than hang."""
+    import multiprocessing
+
+    _FORK_DECODER["dali"] = dali
+    expected = float(load_image_tiles(PHOTOS["china"], max_tiles=6, backend=dali).double().sum())
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        total, _ = pool.apply_async(_decode_in_child, (PHOTOS["china"],)).get(timeout=90)
+    assert total == expected
+    # and the parent, whose pipelines were shut down for the fork, carries on
+    assert float(load_image_tiles(PHOTOS["china"], max_tiles=6, backend=dali).double().sum()) == expected
