@@ -109,7 +109,7 @@ def check_layout(model_cfg, parallel) -> None:
     try:
         parallel.validate(model_cfg)
     except ConfigError as exc:
-        raise ConversionError(str(exc)) from exc
+        raise ConversionError(f"the layout does not fit the model: {exc}") from exc
 
 
 def build_chunk(model_cfg, parallel, precision: str):

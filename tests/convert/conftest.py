@@ -1,0 +1,34 @@
+"""Tiny HF checkpoints shared by the converter tests (built once per session)."""
+
+from __future__ import annotations
+
+import pytest
+
+from convert import models
+
+
+class TinyCheckpoints:
+    """Paths of the tiny HF checkpoints, their transformers models and reference logits."""
+
+    def __init__(self, root):
+        self.root = root
+        self.batches = models.inputs()
+        self.dirs, self.refs, self.models = {}, {}, {}
+        self._add("qwen2", "qwen2", models.VIT_300M, seed=1)
+        self._add("qwen2-vit6b", "qwen2", models.VIT_6B, seed=2)
+        self._add("llama", "llama", models.VIT_300M, seed=3)
+        # The same weights as "llama", in OpenGVLab's remote-code layout with an InternLM2 LLM.
+        self.dirs["internlm2-remote"] = root / "internlm2-remote"
+        models.write_remote_internlm2(self.dirs["llama"], self.dirs["internlm2-remote"], self.models["llama"])
+
+    def _add(self, name, text_type, vision, seed):
+        path = self.root / name
+        model = models.save_tiny(path, text_type, vision, seed)
+        self.dirs[name] = path
+        self.models[name] = model
+        self.refs[name] = models.reference_logits(model, self.batches)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return TinyCheckpoints(tmp_path_factory.mktemp("hf"))
