@@ -15,12 +15,9 @@ def _train(args) -> int:
     except ConfigError as exc:
         print(f"megatron-internvl train: config error: {exc}", file=sys.stderr)
         return 2
-    try:
-        from megatron_internvl.training.main import run
-    except ImportError as exc:
-        print(f"megatron-internvl train: the training loop is not available ({exc})", file=sys.stderr)
-        return 3
-    return run(config, recipe=args.recipe, overrides=args.overrides) or 0
+    from megatron_internvl.training.main import main as train_main
+
+    return train_main([args.recipe] + list(args.overrides))
 
 
 def _plan(args) -> int:
@@ -73,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train from a YAML recipe (launch with torchrun or srun for several processes)",
         description="Train from a YAML recipe. Any field can be overridden as section.key=value, "
         "e.g. training.train_steps=50 parallel.tensor_parallel=2. Launch several processes with "
-        "`torchrun --nproc-per-node N -m megatron_internvl.train RECIPE` or srun.",
+        "`torchrun --nproc-per-node N -m megatron_internvl.train RECIPE` or srun. Exit code 42: stopped by SIGTERM/SIGUSR1 or training.time_limit_minutes after saving a checkpoint (requeue me).",
     )
     train.add_argument("recipe", help="YAML recipe (may extend others with `defaults:`)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")

@@ -218,6 +218,12 @@ class TrainingConfig:
     max_nonfinite_in_row: int = 3
     loss_spike_factor: float = 3.0
     time_limit_minutes: Optional[float] = None
+    # Save and exit (code 42, "requeue me") every N steps: fixed-length jobs in a chain.
+    exit_interval: Optional[int] = None
+    # Device BF16 peak for MFU; None = detect (H100/H200/A100 ...), none on CPU.
+    peak_tflops: Optional[float] = None
+    # Fault injection for tests: multiply the loss by NaN at these (1-based) steps.
+    inject_nan_steps: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -227,6 +233,11 @@ class TrainingConfig:
         for name in ("train_steps", "micro_batch_size", "global_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name}={getattr(self, name)} must be >= 1")
+        if self.micro_batch_size != 1:
+            raise ConfigError(
+                f"training.micro_batch_size={self.micro_batch_size}: a micro-batch is one packed "
+                f"sequence (THD); put more samples in it with data.max_tokens / data.max_tiles"
+            )
 
 
 @dataclass
@@ -291,6 +302,11 @@ class Config:
         self.parallel.validate(self.model)
         self.training.validate()
         self.optimizer.validate()
+        if self.optimizer.warmup_steps and self.optimizer.warmup_steps >= self.training.train_steps:
+            raise ConfigError(
+                f"optimizer.warmup_steps={self.optimizer.warmup_steps} must be below "
+                f"training.train_steps={self.training.train_steps}: shorten the warm-up"
+            )
         if require_data:
             try:
                 self.data.validate()

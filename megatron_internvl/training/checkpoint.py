@@ -73,3 +73,334 @@ def load_model_checkpoint(models, directory: str | os.PathLike) -> None:
     else:
         for i, m in enumerate(models):
             m.load_state_dict(loaded[f"model{i}"])
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints: model + optimizer + scheduler + RNG + data state, atomic, keep-last-k.
+
+import json
+import logging
+import random
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+COMPLETE = "complete.json"
+# Model fields that may change between a checkpoint and a resume (they do not change weights).
+_RESUMABLE_MODEL_FIELDS = {"spec", "recompute", "vision.drop_path_rate"}
+
+
+# Canonical per-parameter optimizer state: resumable under another TP, PP or DP size.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size(),
+    }
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _per_rank_objects(data_state, with_rng: bool) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    out = {}
+    if data_state is not None:
+        tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        replica = tp + ps.get_tensor_model_parallel_world_size() * (
+            pp + ps.get_pipeline_model_parallel_world_size() * ps.get_context_parallel_rank())
+        out["data_state"] = ShardedObject(
+            "data_state", data_state, (ps.get_data_parallel_world_size(),),
+            (ps.get_data_parallel_rank(),), replica_id=replica)
+    if with_rng:
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        out["rng_state"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    return out
+
+
+def _model_state(chunks) -> dict:
+    modules = [getattr(c, "module", c) for c in chunks]
+    return model_sharded_state_dict(modules)
+
+
+def _write_complete_marker(directory: Path) -> None:
+    files = {str(p.relative_to(directory)): p.stat().st_size
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    (directory / COMPLETE).write_text(json.dumps({"files": files}, indent=0))
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """None if the checkpoint is complete, else what is wrong with it."""
+    marker = directory / COMPLETE
+    if not marker.is_file():
+        return "no complete.json (the save that wrote it did not finish)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable complete.json ({exc})"
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"missing file {name}"
+        if path.stat().st_size != size:
+            return f"file {name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _flatten_dict(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten_dict(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_model_config_matches(saved: dict, current: dict, path) -> None:
+    a, b = _flatten_dict(saved), _flatten_dict(current)
+    for key in sorted(set(a) | set(b)):
+        if key in _RESUMABLE_MODEL_FIELDS:
+            continue
+        if a.get(key) != b.get(key):
+            raise CheckpointError(
+                f"checkpoint {path} was trained with model.{key}={a.get(key)!r} but the config has "
+                f"model.{key}={b.get(key)!r}: use the checkpoint's model settings (see its "
+                f"config in the run directory), or start a new run directory"
+            )
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    """True for a checkpoint with optimizer/scheduler/data state, False for weights only."""
+    try:
+        return "common" in dist_checkpointing.load_common_state_dict(str(path))
+    except Exception:  # no common.pt: written by save_model_checkpoint without extras
+        return False
+
+
+class CheckpointManager:
+    """``save_dir/iter_0000010/`` directories plus a ``latest`` marker, newest ``keep_last`` kept."""
+
+    def __init__(self, save_dir: str | os.PathLike, keep_last: int = 3):
+        self.dir = Path(save_dir)
+        self.keep_last = keep_last
+
+    @staticmethod
+    def name(step: int) -> str:
+        return f"iter_{step:07d}"
+
+    def candidates(self) -> list[Path]:
+        """Checkpoints newest first: the ``latest`` marker's, then the others by step."""
+        if not self.dir.is_dir():
+            return []
+        found = sorted((p for p in self.dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")),
+                       reverse=True)
+        marker = self.dir / LATEST
+        if marker.is_file():
+            named = self.dir / marker.read_text().strip()
+            if named in found:
+                found.remove(named)
+                found.insert(0, named)
+        return found
+
+    def latest_valid(self) -> Path | None:
+        for path in self.candidates():
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            logger.warning("checkpoint %s is unusable (%s); trying the previous one", path, problem)
+        return None
+
+    def save(self, step: int, chunks, optimizer, scheduler, *, data_state=None, common=None) -> Path:
+        target = self.dir / self.name(step)
+        tmp = target.with_name(target.name + ".tmp")
+        if _is_rank0():
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier()
+        state = _model_state(chunks)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=_OPTIM_METADATA)
+        state.update(_per_rank_objects(data_state, with_rng=True))
+        state["common"] = {"step": step, "scheduler": scheduler.state_dict(), "layout": _layout(),
+                           **(common or {})}
+        dist_checkpointing.save(state, str(tmp))
+        _barrier()
+        if _is_rank0():
+            _write_complete_marker(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            marker_tmp = self.dir / (LATEST + ".tmp")
+            marker_tmp.write_text(target.name)
+            os.replace(marker_tmp, self.dir / LATEST)
+            for old in self.candidates()[self.keep_last:]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return target
+
+    @staticmethod
+    def read_common(path: Path) -> dict:
+        return dist_checkpointing.load_common_state_dict(str(path))["common"]
+
+    @staticmethod
+    def load(path: Path, chunks, optimizer, scheduler, *, data_state_wanted: bool,
+             finetune: bool = False) -> dict:
+        """Load into the chunks (and optimizer, scheduler, RNG unless ``finetune``).
+
+        Returns the checkpoint's common state plus ``data_state`` when it could be restored
+        (same data-parallel layout). RNG is restored only under the same layout."""
+        common = CheckpointManager.read_common(path)
+        state = _model_state(chunks)
+        if finetune:
+            loaded = dist_checkpointing.load(state, str(path))
+            _load_models(chunks, loaded)
+            return {"step": 0}
+        same_layout = common["layout"] == _layout()
+        same_dp = common["layout"]["dp"] == _layout()["dp"]
+        if data_state_wanted and not same_dp:
+            raise CheckpointError(
+                f"{path} was saved with data-parallel size {common['layout']['dp']} and this run has "
+                f"{_layout()['dp']}: the data stream can only resume exactly at the same DP size "
+                f"(TP/PP may change). Keep the DP size, or set checkpoint.finetune=true to start a "
+                f"new data stream from these weights"
+            )
+        _prime_optimizer_state(optimizer)
+        _skip_torch_adam_step_on_load(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
+        state.update(_per_rank_objects({} if data_state_wanted else None, with_rng=same_layout))
+        loaded = dist_checkpointing.load(state, str(path))
+        _load_models(chunks, loaded)
+        optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
+        scheduler.load_state_dict(common["scheduler"])
+        if same_layout:
+            _set_rng_state(loaded["rng_state"])
+        result = dict(common)
+        if data_state_wanted:
+            result["data_state"] = loaded["data_state"]
+        return result
+
+
+def _prime_optimizer_state(optimizer) -> None:
+    """Give a fresh torch Adam a (zero) state with a ``step`` before loading into it.
+
+    Without apex or TE, megatron's distributed optimizer reads ``step`` from the inner torch
+    optimizer's state, which megatron's own state initialiser does not create, so loading into an
+    optimizer that has not stepped yet fails on an assertion.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if not st:
+                    st["exp_avg"] = torch.zeros_like(p.data)
+                    st["exp_avg_sq"] = torch.zeros_like(p.data)
+                st.setdefault("step", torch.tensor(0.0))
+
+
+def _skip_torch_adam_step_on_load(optimizer) -> None:
+    """megatron 0.16.1 without apex/TE keeps torch Adam's ``step`` inside the per-parameter state,
+    but its fully-reshardable loader copies every state key from tensors that never contain
+    ``step`` (it restores ``step`` from the param groups instead): skip that key."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None or getattr(setter, "_skips_step", False):
+            continue
+
+        def patched(model_param, tensors, _opt=opt):
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+            state = _opt.optimizer.state[main_param]
+            if "step" in state and "step" not in tensors and not \
+                    _opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+                main_param.detach().copy_(tensors["param"])
+                for key, value in state.items():
+                    if key != "step":
+                        value.copy_(tensors[key])
+                return
+            return setter(model_param, tensors)
+
+        patched._skips_step = True
+        opt._set_main_param_and_optimizer_states = patched
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """After a load, megatron (no apex/TE) gives every parameter the *same* ``step`` tensor, which
+    torch Adam then increments in place once per parameter: give each its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for st in getattr(inner, "state", {}).values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+
+
+def _load_models(chunks, loaded: dict) -> None:
+    modules = [getattr(c, "module", c) for c in chunks]
+    if len(modules) == 1:
+        modules[0].load_state_dict(loaded["model"])
+    else:
+        for i, m in enumerate(modules):
+            m.load_state_dict(loaded[f"model{i}"])
+
+
+def load_component(chunks, directory: str | os.PathLike, prefixes: tuple[str, ...]) -> int:
+    """Load only the parameters under ``prefixes`` (e.g. ``language_model.``) from a model
+    checkpoint: component-wise initialisation (InternVL's progressive scaling reuses a ViT trained
+    with a smaller LLM). Returns the number of tensors loaded."""
+    directory = Path(directory)
+    if not (directory / "metadata.json").is_file():
+        raise CheckpointError(f"{directory} is not a megatron distributed checkpoint (no metadata.json)")
+    modules = [getattr(c, "module", c) for c in chunks]
+    count = 0
+    for i, module in enumerate(modules):
+        key = "model" if len(modules) == 1 else f"model{i}"
+        full = module.sharded_state_dict()
+        wanted = {k: v for k, v in full.items() if k.startswith(prefixes)}
+        if not wanted:
+            continue
+        loaded = dist_checkpointing.load({key: wanted}, str(directory))
+        missing, unexpected = module.load_state_dict(loaded[key], strict=False)
+        if unexpected:
+            raise CheckpointError(f"unexpected tensors from {directory}: {unexpected[:5]}")
+        count += len(wanted)
+    return count

@@ -1,0 +1,44 @@
+"""Graceful stop: SIGTERM / SIGUSR1 or a time limit -> checkpoint at the next step boundary.
+
+Slurm sends SIGUSR1 (``--signal=USR1@120``) or SIGTERM before a job's end; every rank saves at the
+same step (the stop request is all-reduced) and the process exits with :data:`EXIT_REQUEUE` so the
+sbatch script can requeue the job, which then resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+
+EXIT_REQUEUE = 42
+
+
+class StopRequest:
+    def __init__(self, time_limit_minutes: float | None = None):
+        self.start = time.monotonic()
+        self.limit_s = None if time_limit_minutes is None else 60.0 * time_limit_minutes
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def local_reason(self) -> str | None:
+        if self.received:
+            return self.received
+        if self.limit_s is not None and time.monotonic() - self.start >= self.limit_s:
+            return "time limit"
+        return None
+
+    def should_stop(self) -> str | None:
+        """Agreed across all ranks (any rank's request stops everyone at the same step)."""
+        reason = self.local_reason()
+        flag = torch.tensor([1.0 if reason else 0.0])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            return reason or "another rank's stop request"
+        return None

@@ -1,0 +1,140 @@
+"""One optimizer step: packed THD micro-batches through megatron's pipeline schedule.
+
+The loss is the exact global weighted mean (see :mod:`.loss`): the weights of every micro-batch on
+every data-parallel rank are summed first, each micro-batch contributes ``sum(CE * w) / W``.
+Non-finite loss or gradients skip the update on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from .flops import StepShapes
+from .loss import backward_scale, global_weight_sum, weighted_token_loss
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    updated: bool
+    tokens: int  # real tokens over the global batch
+    tiles: int
+    dataset_loss: dict = field(default_factory=dict)
+    shapes: StepShapes | None = None
+
+
+def packed_seq_params(batch) -> PackedSeqParams:
+    cu = batch["cu_seqlens"].to(torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=int(batch["max_seqlen"]), max_seqlen_kv=int(batch["max_seqlen"]))
+
+
+def sample_lengths(batch) -> list[int]:
+    """Real sample lengths of a pack (the trailing padding segment excluded)."""
+    cu = batch["cu_seqlens"].tolist()
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    real = int(batch["num_tokens"])
+    out, seen = [], 0
+    for length in lengths:
+        if seen >= real:
+            break
+        out.append(length)
+        seen += length
+    return out
+
+
+def _grads_finite(chunks) -> bool:
+    finite = torch.tensor([1.0])
+    for chunk in chunks:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            if not torch.isfinite(buffer.grad_data).all():
+                finite.zero_()
+    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: int,
+               inject_nan: bool = False) -> StepResult:
+    """Forward/backward over this rank's micro-batches, then one optimizer step."""
+    n_micro = len(batches)
+    local_w = torch.tensor(sum(float(b["loss_weights"].sum()) for b in batches))
+    total_w = float(global_weight_sum(local_w))
+    scale = backward_scale(n_micro)
+    data = iter(batches)
+
+    def forward_step(data_iterator, model):
+        b = next(data_iterator)
+        pixels = b["pixel_values"]
+        pixels = pixels.to(dtype) if pixels.numel() else pixels
+        out = model(b["input_ids"], b["position_ids"], pixel_values=pixels,
+                    packed_seq_params=packed_seq_params(b))
+
+        def loss_func(logits):
+            per_token = weighted_token_loss(logits, b["labels"], b["loss_weights"])
+            weighted = per_token.sum()
+            if inject_nan:
+                weighted = weighted * float("nan")
+            by_ds = torch.zeros(num_datasets, dtype=torch.float64)
+            ds = b["token_dataset"][0]
+            valid = ds >= 0
+            by_ds.index_add_(0, ds[valid], per_token[0][valid].detach().double())
+            ds_w = torch.zeros(num_datasets, dtype=torch.float64)
+            ds_w.index_add_(0, ds[valid], b["loss_weights"][0][valid].double())
+            return weighted / max(total_w, 1e-12) * scale, {
+                "loss": weighted.detach().double() / max(total_w, 1e-12), "ds": by_ds, "ds_w": ds_w}
+
+        return out, loss_func
+
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    seq_len = int(batches[0]["input_ids"].shape[1])
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data if len(chunks) == 1 else [iter(batches) for _ in chunks],
+        model=chunks,
+        num_microbatches=n_micro,
+        seq_length=seq_len,
+        micro_batch_size=1,
+        forward_only=False,
+    )
+
+    # Loss and per-dataset sums live on the last stage: reduce them to every rank.
+    stats = torch.zeros(1 + 2 * num_datasets, dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+        for o in outputs:
+            stats[0] += o["loss"]
+            stats[1 : 1 + num_datasets] += o["ds"]
+            stats[1 + num_datasets :] += o["ds_w"]
+        if ps.get_context_parallel_rank() != 0:
+            stats.zero_()
+    torch.distributed.all_reduce(stats)
+    loss = float(stats[0])
+
+    finite = math.isfinite(loss) and _grads_finite(chunks)
+    grad_norm = None
+    if finite:
+        ok, grad_norm, _ = optimizer.step()
+        finite = bool(ok) and grad_norm is not None and math.isfinite(grad_norm)
+        if finite:
+            scheduler.step(increment=1)
+    tokens = torch.tensor([sum(int(b["num_tokens"]) for b in batches),
+                           sum(int(b["pixel_values"].shape[0]) for b in batches)], dtype=torch.float64)
+    torch.distributed.all_reduce(tokens, group=ps.get_data_parallel_group(with_context_parallel=True))
+    ds_loss = {}
+    for i in range(num_datasets):
+        w = float(stats[1 + num_datasets + i])
+        if w > 0:
+            ds_loss[i] = float(stats[1 + i]) / w
+    shapes = StepShapes(sample_lengths=[l for b in batches for l in sample_lengths(b)],
+                        tiles=sum(int(b["pixel_values"].shape[0]) for b in batches))
+    return StepResult(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm),
+                      updated=finite, tokens=int(tokens[0]), tiles=int(tokens[1]),
+                      dataset_loss=ds_loss, shapes=shapes)
