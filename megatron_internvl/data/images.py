@@ -255,7 +255,10 @@ class DALIDecoder(TileDecoder):
     """NVIDIA DALI decode + antialiased cubic resize (the same filter Pillow's BICUBIC uses).
 
     ``device="auto"`` uses the GPU (nvJPEG, hardware JPEG decoding where the GPU has it) when
-    torch sees CUDA, else a CPU-only pipeline. DALI is used for baseline/progressive JPEGs in
+    torch sees CUDA, else a CPU-only pipeline. CUDA cannot be used in a process forked from a
+    parent that already initialised it (the usual data-loader worker), so there "auto" means
+    CPU; GPU decoding needs the main process or spawn-started workers. ``device_id`` defaults
+    to ``LOCAL_RANK`` (torchrun), else 0. DALI is used for baseline/progressive JPEGs in
     RGB or greyscale; other formats (PNG, GIF, WebP, CMYK JPEG, ...) go through Pillow so that
     colour conversion stays identical to the PIL backend. ``stats`` counts which path ran.
 
@@ -268,7 +271,7 @@ class DALIDecoder(TileDecoder):
 
     name = "dali"
 
-    def __init__(self, device: str = "auto", num_threads: int = 1):
+    def __init__(self, device: str = "auto", num_threads: int = 1, device_id: int | None = None):
         if device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"DALIDecoder device must be 'auto', 'cpu' or 'gpu', got {device!r}")
         try:
@@ -279,8 +282,12 @@ class DALIDecoder(TileDecoder):
                 "(or [gpu]); use backend='pil' otherwise"
             ) from None
         if device == "auto":
-            device = "gpu" if torch.cuda.is_available() else "cpu"
+            forked_from_cuda = getattr(torch.cuda, "_is_in_bad_fork", lambda: False)()
+            device = "gpu" if torch.cuda.is_available() and not forked_from_cuda else "cpu"
         self.device = device
+        if device == "gpu" and device_id is None:
+            device_id = int(os.environ.get("LOCAL_RANK", 0))
+        self.device_id = device_id if device == "gpu" else None
         self.num_threads = num_threads
         self.stats: Counter[str] = Counter()
         _LIVE_DALI_DECODERS.add(self)
@@ -289,9 +296,6 @@ class DALIDecoder(TileDecoder):
         self._tile_capacity = 0
 
     # --- pipelines -------------------------------------------------------------------------
-
-    def _device_id(self):
-        return torch.cuda.current_device() if self.device == "gpu" else None
 
     def _release_pipelines(self) -> None:
         for pipe in (self._image_pipe, self._tile_pipe):
@@ -310,7 +314,7 @@ class DALIDecoder(TileDecoder):
         return Pipeline(
             batch_size=batch_size,
             num_threads=self.num_threads,
-            device_id=self._device_id(),
+            device_id=self.device_id,
             exec_pipelined=False,
             exec_async=False,
             prefetch_queue_depth=1,
