@@ -44,6 +44,11 @@ PHOTOS = {
 }
 
 
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _jpeg_bytes(array, quality=95):
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=quality)
@@ -150,7 +155,7 @@ def test_dali_matches_pil_on_real_photos(dali, photo):
         diff = (a - b).abs()
         assert diff.max().item() <= DALI_TOL_MAX, diff.max().item()
         assert diff.mean().item() <= DALI_TOL_MEAN, diff.mean().item()
-        data = open(PHOTOS[photo], "rb").read()
+        data = _read(PHOTOS[photo])
         kw = dict(min_tiles=1, max_tiles=max_tiles, image_size=448, use_thumbnail=True)
         ua = PILDecoder().tiles(data, photo, **kw).astype(int)
         ub = dali.tiles(data, photo, **kw).astype(int)
@@ -159,7 +164,7 @@ def test_dali_matches_pil_on_real_photos(dali, photo):
 
 
 def test_dali_jpeg_augmentation_matches_pil(dali):
-    tiles = PILDecoder().tiles(open(PHOTOS["grace_hopper"], "rb").read(), "g", min_tiles=1,
+    tiles = PILDecoder().tiles(_read(PHOTOS["grace_hopper"]), "g", min_tiles=1,
                                max_tiles=6, image_size=448, use_thumbnail=True)
     qualities = [75, 88, 100][: len(tiles)] + [90] * max(0, len(tiles) - 3)
     a = PILDecoder().jpeg_compress(tiles, qualities).astype(int)
@@ -209,7 +214,7 @@ def test_decode_errors_name_the_file(tmp_path, backend):
         load_image_tiles(garbage, max_tiles=6, backend=backend)
 
     truncated = tmp_path / "truncated.jpg"
-    truncated.write_bytes(open(PHOTOS["china"], "rb").read()[:30000])
+    truncated.write_bytes(_read(PHOTOS["china"])[:30000])
     with pytest.raises(ImageDecodeError, match="truncated.jpg") as e:
         load_image_tiles(truncated, max_tiles=6, backend=backend)
     assert isinstance(e.value, MediaDecodeError)
