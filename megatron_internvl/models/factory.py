@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .internvl import InternVLModel
+from .init import init_rng_scope, redraw_column_parallel_weight
 from .language import LanguageModel
 from .padding import padded_num_heads, padded_vocab_size
 from .projector import Projector
@@ -26,8 +27,16 @@ def language_transformer_config(model, parallel, precision: str = "fp32") -> Tra
     dtype = _DTYPES[precision]
     te = use_transformer_engine(model.spec)
     kwargs = {}
-    if parallel.pipeline_parallel > 1 and parallel.first_stage_llm_layers is not None:
-        kwargs["num_layers_in_first_pipeline_stage"] = parallel.first_stage_llm_layers
+    first = parallel.first_stage_llm_layers
+    if parallel.pipeline_parallel > 1 and first == 0:
+        # The first stage holds only the embedding (and the ViT + projector): megatron's
+        # num_layers_in_first_pipeline_stage must be > 0, an explicit layout may say 0.
+        rest = (lang.num_layers) // (parallel.pipeline_parallel - 1)
+        layout = [["embedding"]] + [["decoder"] * rest for _ in range(parallel.pipeline_parallel - 1)]
+        layout[-1].append("loss")
+        kwargs["pipeline_model_parallel_layout"] = layout
+    elif parallel.pipeline_parallel > 1 and first is not None:
+        kwargs["num_layers_in_first_pipeline_stage"] = first
     if model.recompute != "none":
         kwargs["recompute_granularity"] = model.recompute
         if model.recompute == "full":
@@ -153,13 +162,20 @@ def build_internvl_model(model, parallel, precision="fp32", pre_process=True, po
                          vp_stage=None) -> InternVLModel:
     """The model chunk of this pipeline stage (vision tower + projector on the first one)."""
     model.validate()
-    language = build_language_model(model, parallel, precision, pre_process, post_process, vp_stage)
+    # Each independently placed piece in its own RNG scope: same weights in every layout.
+    with init_rng_scope("language_model"):
+        language = build_language_model(model, parallel, precision, pre_process, post_process, vp_stage)
+    if post_process:
+        redraw_column_parallel_weight(language.output_layer, "language_model.output_layer",
+                                      language.config.init_method_std, rows=model.language.vocab_size)
     vision = projector = None
     if pre_process:
-        vision = build_vision_model(model, parallel, precision)
+        with init_rng_scope("vision_model"):
+            vision = build_vision_model(model, parallel, precision)
         scale = round(1 / model.downsample_ratio)
-        projector = Projector(language.config, model.vision.hidden_size * scale * scale,
-                              model.language.hidden_size, model.projector_norm_eps)
+        with init_rng_scope("projector"):
+            projector = Projector(language.config, model.vision.hidden_size * scale * scale,
+                                  model.language.hidden_size, model.projector_norm_eps)
     vlm = InternVLModel(language, vision, projector, model.image_token_id, model.downsample_ratio)
     if vision is not None and vlm.num_image_token != model.num_image_token:
         raise AssertionError(f"num_image_token {vlm.num_image_token} != {model.num_image_token}")

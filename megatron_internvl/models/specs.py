@@ -109,7 +109,10 @@ def block_spec(config, layer_spec: ModuleSpec, vp_stage=None) -> TransformerBloc
     megatron's default final norm for a bare layer spec is ``WrappedTorchNorm``, which refuses
     sequence parallelism; the local spec uses the project's :class:`Norm` instead.
     """
+    from .init import seeded_layer_spec
+
     num_layers = get_num_layers_to_build(config, vp_stage)
+    layer_spec = seeded_layer_spec(layer_spec)
     norm = layer_spec.submodules.pre_mlp_layernorm
     if norm is IdentityOp:  # TE fuses the layer norms into the linears; final norm is TENorm
         from megatron.core.extensions.transformer_engine import TENorm
