@@ -103,6 +103,11 @@ class DataConfig:
     max_tiles: int = 48
     pack_buffer_size: int = 64
     pad_to_multiple: int = 16
+    # How data-parallel ranks split the stream. "sample": each rank reads, decodes and packs its
+    # own share of the samples (cheapest). "pack": every rank packs the global stream and keeps
+    # every dp-th pack, so the global batch of each step is the same whatever the DP size (costs
+    # dp x the decoding; for layout-invariance checks and DP-resharded data resume).
+    shard_by: str = "sample"
 
     loss_reduction: str = "square"
     v2pe: str = "off"
@@ -153,6 +158,8 @@ class DataConfig:
                 f"data.max_tokens={self.max_tokens} cannot hold even one tile "
                 f"({self.num_image_token} tokens + <img></img>); raise max_tokens."
             )
+        if self.shard_by not in ("sample", "pack"):
+            raise ValueError(f"data.shard_by={self.shard_by!r} must be 'sample' or 'pack'.")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"data.loss_reduction={self.loss_reduction!r} is not one of {LOSS_REDUCTIONS}.")
         if self.v2pe not in V2PE_MODES:

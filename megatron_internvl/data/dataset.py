@@ -665,10 +665,54 @@ def build_data_loader(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None, dp
             logger.warning("dataset %r: meta says length=%s but %s has %d non-empty lines; using %d",
                            s.name, s.length, f.path, len(f), len(f))
     media = media_loader or MediaLoader(cfg.image_size, cfg.use_thumbnail, cfg.image_backend, cfg.num_video_frames)
-    loader = PackedDataLoader(cfg, tokenizer, specs, files, dp_rank, dp_size, media, stop_after=stop_after)
+    if cfg.shard_by == "pack":
+        inner = PackedDataLoader(cfg, tokenizer, specs, files, 0, 1, media, stop_after=stop_after)
+        loader = PackShardedLoader(inner, dp_rank, dp_size)
+    else:
+        loader = PackedDataLoader(cfg, tokenizer, specs, files, dp_rank, dp_size, media, stop_after=stop_after)
     if state is not None:
         loader.load_state_dict(state)
     return loader
+
+
+class PackShardedLoader:
+    """Every rank packs the global stream and keeps packs ``dp_rank, dp_rank + dp, ...``.
+
+    The inner loader advances by ``dp_size`` packs per pack returned, so between micro-batches
+    its state is the same on every rank, and a step's global batch does not depend on the DP size.
+    """
+
+    def __init__(self, inner: PackedDataLoader, dp_rank: int, dp_size: int):
+        if not (0 <= dp_rank < dp_size):
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size}).")
+        self.inner, self.dp_rank, self.dp_size = inner, dp_rank, dp_size
+        self.cfg, self.tokenizer, self.dataset_names = inner.cfg, inner.tokenizer, inner.dataset_names
+
+    def __iter__(self) -> "PackShardedLoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        mine = None
+        for i in range(self.dp_size):
+            pack = next(self.inner)
+            if i == self.dp_rank:
+                mine = pack
+        return mine
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shard_by": "pack", "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("shard_by") != "pack":
+            raise DataResumeError("the data state was saved with data.shard_by=sample; resume with the same setting")
+        self.inner.load_state_dict(state["inner"])
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.inner.fill_ratio
+
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats()
 
 
 class HeaderOnlyMedia(MediaLoader):
