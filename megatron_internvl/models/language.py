@@ -99,9 +99,9 @@ class LanguageModel(MegatronModule):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if self.padded_vocab_size > self.vocab_size:
-            trim_entries(sd, {"embedding.word_embeddings.weight": 0, "output_layer.weight": 0},
-                         self.vocab_size)
+        # Trimmed whether or not this TP size pads: the same checkpoint layout for every TP.
+        trim_entries(sd, {"embedding.word_embeddings.weight": 0, "output_layer.weight": 0},
+                     self.vocab_size)
         return sd
 
     def set_input_tensor(self, input_tensor):

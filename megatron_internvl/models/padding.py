@@ -36,15 +36,21 @@ def padded_num_heads(num_heads: int, tensor_parallel: int) -> int:
 def trim_padding(sh: ShardedTensor, axis: int, real_size: int) -> ShardedTensorFactory:
     """Describe only the first ``real_size`` entries of the global tensor along ``axis``.
 
-    ``axis`` counts the local tensor's dimensions (not megatron's prepended layer axis). Ranks
-    whose slice is all padding produce no shard; on load their padding is filled with zeros.
+    ``axis`` counts the local tensor's dimensions. Ranks whose slice is all padding produce no
+    shard; on load their padding is filled with zeros. megatron's uneven-shard path cannot take
+    a stacked layer axis, so a per-layer tensor gets its own per-layer key instead
+    (``...layers.<global layer>.<rest>``, the canonical name).
     """
     n = sh.prepend_axis_num
+    if n > 1:
+        raise NotImplementedError(f"{sh.key}: {n} stacked axes")
     offset = sh.global_offset[n + axis]
     local = sh.local_shape[axis]
     keep = max(0, min(local, real_size - offset))
-    global_shape = list(sh.global_shape)
-    global_shape[n + axis] = real_size
+    global_shape = list(sh.global_shape[n:])
+    global_shape[axis] = real_size
+    global_offset = tuple(sh.global_offset[n:])
+    layer = sh.global_offset[0] if n else None
     local_shape = tuple(sh.local_shape)
     dtype = sh.data.dtype
 
@@ -53,12 +59,18 @@ def trim_padding(sh: ShardedTensor, axis: int, real_size: int) -> ShardedTensorF
             raise NotImplementedError(f"{key}: flattened (padded) shards are not supported")
         if keep == 0:
             return {}
+        if layer is not None:
+            if ".layers." not in key:
+                raise NotImplementedError(f"{key}: stacked axis outside a layer stack")
+            head, tail = key.split(".layers.", 1)
+            key = f"{head}.layers.{layer}.{tail}"
         part = data.narrow(axis, 0, keep)
         shape = list(local_shape)
         shape[axis] = keep
         out = dataclasses.replace(
             sh, key=key, data=part, dtype=part.dtype, local_shape=tuple(shape),
-            global_shape=tuple(global_shape), axis_fragmentations=None, replica_id=replica_id,
+            global_shape=tuple(global_shape), global_offset=global_offset,
+            axis_fragmentations=None, replica_id=replica_id, prepend_axis_num=0,
             allow_shape_mismatch=False,
         )
         out.validate_metadata_integrity()

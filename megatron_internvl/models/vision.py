@@ -109,32 +109,35 @@ class InternViTSelfAttention(SelfAttention):
         per_rank = self.num_attention_heads_per_partition
         return max(0, min(per_rank, self.real_heads - rank * per_rank))
 
-    @torch.no_grad()
-    def zero_dummy_heads(self) -> None:
-        """Zero the q/k/v rows and output columns of this rank's dummy heads."""
+    def dummy_head_slices(self) -> list[tuple[torch.nn.Parameter, tuple]]:
+        """(parameter, index) of every entry of this rank's dummy heads: q/k/v rows (and bias),
+        output-projection columns, QK-norm channels. Empty when the heads are not padded."""
+        if not self.padded:
+            return []
         hd = self.hidden_size_per_attention_head
         real = self._real_local_heads()
-        self.linear_qkv.weight[real * 3 * hd :].zero_()
-        if getattr(self.linear_qkv, "bias", None) is not None and self.linear_qkv.bias.numel():
-            self.linear_qkv.bias[real * 3 * hd :].zero_()
-        self.linear_proj.weight[:, real * hd :].zero_()
-
-    def dummy_head_tensors(self) -> list[torch.Tensor]:
-        """Views of this rank's dummy-head rows/columns (empty when unpadded): for checks."""
-        hd = self.hidden_size_per_attention_head
-        real = self._real_local_heads()
-        out = [self.linear_qkv.weight[real * 3 * hd :], self.linear_proj.weight[:, real * hd :]]
-        if getattr(self.linear_qkv, "bias", None) is not None and self.linear_qkv.bias.numel():
-            out.append(self.linear_qkv.bias[real * 3 * hd :])
+        rows, cols = slice(real * 3 * hd, None), slice(real * hd, None)
+        out = [(self.linear_qkv.weight, (rows,)), (self.linear_proj.weight, (slice(None), cols))]
+        bias = getattr(self.linear_qkv, "bias", None)
+        if isinstance(bias, torch.nn.Parameter) and bias.numel():
+            out.append((bias, (rows,)))
+        for norm in (self.q_layernorm, self.k_layernorm):
+            if isinstance(norm, ViTQKNorm):
+                out.append((norm.weight, (cols,)))
         return out
 
+    @torch.no_grad()
+    def zero_dummy_heads(self) -> None:
+        for param, index in self.dummy_head_slices():
+            param[index].zero_()
+
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        # Trimmed whether or not this TP size pads, so checkpoint keys do not depend on TP.
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if self.padded:
-            hd = self.hidden_size_per_attention_head
-            trim_entries(sd, {"linear_qkv.weight": 0, "linear_qkv.bias": 0}, self.real_heads * 3 * hd)
-            trim_entries(sd, {"linear_proj.weight": 1}, self.real_heads * hd)
-            trim_entries(sd, {"q_layernorm.weight": 0, "k_layernorm.weight": 0}, self.real_heads * hd)
+        hd = self.hidden_size_per_attention_head
+        trim_entries(sd, {"linear_qkv.weight": 0, "linear_qkv.bias": 0}, self.real_heads * 3 * hd)
+        trim_entries(sd, {"linear_proj.weight": 1}, self.real_heads * hd)
+        trim_entries(sd, {"q_layernorm.weight": 0, "k_layernorm.weight": 0}, self.real_heads * hd)
         return sd
 
 
