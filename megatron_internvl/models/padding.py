@@ -36,8 +36,8 @@ def padded_num_heads(num_heads: int, tensor_parallel: int) -> int:
 def trim_padding(sh: ShardedTensor, axis: int, real_size: int) -> ShardedTensorFactory:
     """Describe only the first ``real_size`` entries of the global tensor along ``axis``.
 
-    ``axis`` counts the local tensor's dimensions. Ranks whose slice is all padding produce no
-    shard; on load their padding is filled with zeros. megatron's uneven-shard path cannot take
+    ``axis`` counts the local tensor's dimensions. Ranks whose slice is all padding write
+    nothing (they read a scratch copy of one real row, discarded); on load padding is zeros. megatron's uneven-shard path cannot take
     a stacked layer axis, so a per-layer tensor gets its own per-layer key instead
     (``...layers.<global layer>.<rest>``, the canonical name).
     """
@@ -52,36 +52,42 @@ def trim_padding(sh: ShardedTensor, axis: int, real_size: int) -> ShardedTensorF
     global_offset = tuple(sh.global_offset[n:])
     layer = sh.global_offset[0] if n else None
     local_shape = tuple(sh.local_shape)
-    dtype = sh.data.dtype
 
     def build(key, data, replica_id, flattened_range):
         if flattened_range is not None:
             raise NotImplementedError(f"{key}: flattened (padded) shards are not supported")
-        if keep == 0:
-            return {}
         if layer is not None:
             if ".layers." not in key:
                 raise NotImplementedError(f"{key}: stacked axis outside a layer stack")
             head, tail = key.split(".layers.", 1)
             key = f"{head}.layers.{layer}.{tail}"
-        part = data.narrow(axis, 0, keep)
-        shape = list(local_shape)
-        shape[axis] = keep
+        offsets = global_offset
+        if keep:
+            part = data.narrow(axis, 0, keep)
+        else:
+            # All padding here. An empty sub-state-dict would vanish from the loaded state and
+            # break the merge, so this rank reads (never writes: not a main replica) a scratch
+            # copy of the last real row, which the merge discards.
+            part = data.narrow(axis, 0, 1).detach().clone()
+            offsets = list(global_offset)
+            offsets[axis] = real_size - 1
+            offsets = tuple(offsets)
+            replica_id = (1,) + tuple(replica_id[1:]) if isinstance(replica_id, tuple) else 1
         out = dataclasses.replace(
-            sh, key=key, data=part, dtype=part.dtype, local_shape=tuple(shape),
-            global_shape=tuple(global_shape), global_offset=global_offset,
+            sh, key=key, data=part, dtype=part.dtype, local_shape=tuple(part.shape),
+            global_shape=tuple(global_shape), global_offset=offsets,
             axis_fragmentations=None, replica_id=replica_id, prepend_axis_num=0,
             allow_shape_mismatch=False,
         )
         out.validate_metadata_integrity()
         return out
 
-    def merge(loaded):
-        if isinstance(loaded, torch.Tensor) and loaded.shape[axis] == local:
+    def merge(loaded: torch.Tensor) -> torch.Tensor:
+        if keep == local:
             return loaded
-        full = torch.zeros(local_shape, dtype=loaded.dtype if isinstance(loaded, torch.Tensor) else dtype)
-        if isinstance(loaded, torch.Tensor):
-            full.narrow(axis, 0, loaded.shape[axis]).copy_(loaded)
+        full = torch.zeros(local_shape, dtype=loaded.dtype, device=loaded.device)
+        if keep:
+            full.narrow(axis, 0, keep).copy_(loaded)
         return full
 
     return ShardedTensorFactory(sh.key, sh.data, build, merge, sh.replica_id)

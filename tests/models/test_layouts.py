@@ -67,7 +67,13 @@ def test_text_only_ranks_with_overlapped_grad_reduce(single, multi):
     assert any(g.abs().max() > 0 for k, g in ref.items() if k.startswith("vision_model."))
 
 
-def test_checkpoint_reshards_from_tp2_pp2_to_tp1(multi):
+def test_checkpoint_reshards_from_tp2_pp2_to_tp1_and_tp4(multi):
+    # the vision tower of the same checkpoint read at TP=4 (a rank with only dummy heads)
+    saved = multi[0]["params_after_step"]
+    for r in multi:
+        assert r["vit_tp4_dummy_after_load"][0] == 0.0
+        for name, t in r["vit_tp4_loaded"].items():
+            assert torch.equal(t, saved["vision_model." + name]), name
     for r in multi:
         assert "All keys matched" in r["load_report"]
         assert r["params_loaded"].keys() == r["params_after_step"].keys()

@@ -389,6 +389,11 @@ def multi_rank_suite(checkpoint_dir: str) -> dict:
     res["vit_tp4_real_changed"] = not torch.equal(
         gather_full_state_dict(vit)["decoder.layers.0.self_attention.linear_qkv.weight"],
         res["vit_tp4_sd"]["decoder.layers.0.self_attention.linear_qkv.weight"])
+    # The TP=2 x PP=2 checkpoint's vision tower, read at TP=4 (rank 3 holds only dummy heads).
+    loaded = dist_checkpointing.load(vit.sharded_state_dict(prefix="vision_model."), checkpoint_dir)
+    vit.load_state_dict({k[len("vision_model."):]: v for k, v in loaded.items()})
+    res["vit_tp4_loaded"] = gather_full_state_dict(vit)
+    res["vit_tp4_dummy_after_load"] = dummy_state(vit)
 
     # 3. TP=1 x DP=4: load the TP=2 x PP=2 checkpoint.
     parallel = init()
