@@ -29,7 +29,6 @@ HF_SUBDIR = "hf"
 _HF_KEEP_SUFFIXES = (".json", ".py", ".model", ".txt", ".tiktoken", ".jinja", ".md")
 _HF_SKIP = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
-PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 # --- the directory --------------------------------------------------------------------------------

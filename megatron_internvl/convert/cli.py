@@ -58,7 +58,7 @@ def main(argv=None) -> int:
             from .exporter import run_export
 
             run_export(args.ckpt, args.out, args.format, overwrite=args.overwrite,
-                       max_shard_size=args.max_shard_size)
+                       max_shard_size=args.max_shard_size, in_process=True)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

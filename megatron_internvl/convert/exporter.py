@@ -1,6 +1,6 @@
 """Megatron distributed checkpoint (any layout) -> Hugging Face directory.
 
-One process loads the checkpoint into a TP=1, PP=1 model (dist_checkpointing reshards), so every
+One process (a torch.distributed world of one) loads the checkpoint into a TP=1, PP=1 model (dist_checkpointing reshards), so every
 parameter is a full tensor; each is turned into its HF tensors by the format's table and streamed
 into size-limited safetensors shards. Peak memory: one model plus one shard. The original
 config.json and tokenizer files kept at import time are restored; a config for the other format
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from . import ConversionError
-from .checkpoint import HF_SUBDIR, PRECISIONS, check_checkpoint_dir, read_info, read_model_config
+from .checkpoint import HF_SUBDIR, check_checkpoint_dir, read_info, read_model_config
 from .hf_config import FORMATS, REMOTE_CODE, TRANSFORMERS, export_config, parse
 from .mapping import Mapping
 from .safetensors_io import ShardedWriter
@@ -88,7 +88,9 @@ def export_on_rank(ckpt: str, staging: str, fmt: str, max_shard_bytes: int, repo
 
 
 def run_export(ckpt, out, fmt: str, overwrite: bool = False, max_shard_size: str = "5GB",
-               log=print) -> Path:
+               log=print, in_process: bool = False) -> Path:
+    """The whole ``export`` command. ``in_process``: load the model in this process (which then
+    holds a torch.distributed world of one) instead of a spawned one -- what the CLI does."""
     from .checkpoint import commit_dir, staging_dir
     from .launch import run_on_ranks
 
@@ -97,7 +99,6 @@ def run_export(ckpt, out, fmt: str, overwrite: bool = False, max_shard_size: str
         raise ConversionError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
     ckpt = check_checkpoint_dir(ckpt)
     model_cfg = read_model_config(ckpt)
-    info = read_info(ckpt)
     kept = ckpt / HF_SUBDIR
     source = parse(kept, image_token_id=model_cfg.image_token_id) if (kept / "config.json").is_file() else None
     if fmt == TRANSFORMERS and model_cfg.language.arch == "internlm2":
@@ -107,8 +108,11 @@ def run_export(ckpt, out, fmt: str, overwrite: bool = False, max_shard_size: str
     out = Path(out)
     staging = staging_dir(out, overwrite)
     try:
-        (result,) = run_on_ranks(export_on_rank, 1, str(ckpt), str(staging), fmt,
-                                 _parse_size(max_shard_size), log=log)
+        args = (str(ckpt), str(staging), fmt, _parse_size(max_shard_size))
+        if in_process:
+            result = _export_here(*args, log=log)
+        else:
+            (result,) = run_on_ranks(export_on_rank, 1, *args, log=log)
         cfg = export_config(fmt, model_cfg, source, result["tied"], result["dtype"])
         (staging / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if kept.is_dir():
@@ -126,8 +130,31 @@ def run_export(ckpt, out, fmt: str, overwrite: bool = False, max_shard_size: str
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log(f"[export] wrote {out} ({fmt}) in {time.monotonic() - t0:.1f} s")
-    _ = info
     return out
+
+
+def _export_here(*args, log):
+    import os
+
+    import torch
+
+    from megatron_internvl.parallel import distributed
+
+    from .launch import free_port
+
+    if torch.distributed.is_initialized():
+        raise RuntimeError("in-process export needs a process without torch.distributed")
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        return export_on_rank(*args, report=log)
+    finally:
+        distributed.destroy()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _parse_size(text: str) -> int:

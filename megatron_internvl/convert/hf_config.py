@@ -41,7 +41,7 @@ class HFModel:
 
     fmt: str
     model: ModelConfig
-    tied: bool  # lm_head tied to the input embedding (no lm_head tensor stored)
+    tied: bool  # config.json ties lm_head to the input embedding
     config: dict  # the original config.json
 
 
@@ -226,7 +226,8 @@ def _parse_transformers(cfg):
         downsample_ratio=float(cfg.get("downsample_ratio", 0.5)),
         image_token_id=int(cfg.get("image_token_id", 151667)),
     )
-    tied = bool(tc.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False)))
+    # transformers ties lm_head to the embedding by the top-level flag (default true).
+    tied = bool(cfg.get("tie_word_embeddings", True))
     return model, tied
 
 

@@ -18,7 +18,7 @@ from . import ConversionError
 from .hf_config import HFModel, parse
 from .mapping import Mapping
 from .safetensors_io import SafetensorsReader
-from .tables import HF_ALIASES
+from .tables import HF_ALIASES, output_tied_to
 
 _DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp32"}
 
@@ -49,8 +49,15 @@ def plan(hf_dir, tp: int, pp: int, first_stage_layers=None, precision: str = "au
     # The ViT's heads need not divide TP: the model pads them with dummy heads.
     check_layout(hf.model, parallel)
     reader = SafetensorsReader(hf_dir, HF_ALIASES)
-    mapping = Mapping(hf.fmt, hf.model, tied=hf.tied)
-    mapping.check_names(reader.names())
+    names = set(reader.names())
+    mapping = Mapping(hf.fmt, hf.model)
+    out_name, _ = output_tied_to(hf.fmt, hf.model.language.arch)
+    if hf.tied and mapping.entries[out_name][1][0] not in names:
+        # Tied and stored once: the output layer starts as a copy of the embedding. (A tied
+        # config with an lm_head tensor of its own is treated as untied, as transformers does.)
+        mapping = Mapping(hf.fmt, hf.model, tied=True)
+    hf.tied = mapping.tied
+    mapping.check_names(names)
     if precision == "auto":
         dtype = reader.dtype(mapping.hf_names()[0])
         precision = _DTYPE_NAMES.get(str(dtype), "fp32")

@@ -4,8 +4,8 @@
   ``tools/forward.py`` under torchrun at TP=1 x PP=2 (another layout), export, and check every
   tensor is bitwise the original and that ``from_pretrained`` loads it with nothing missing or
   unexpected and computes the same logits;
-- remote-code format (InternLM2): import at PP=2, export, bitwise again, original config and
-  tokenizer/code files restored.
+- remote-code format (InternLM2): import (TP=PP=1, one rank; parity tests import it at PP=2),
+  export into several shards, bitwise again, original config and tokenizer/code files restored.
 """
 
 import json
@@ -100,7 +100,7 @@ def test_transformers_import_forward_export(tiny, tmp_path):
 def test_remote_code_internlm2_roundtrip(tiny, tmp_path):
     src = tiny.dirs["internlm2-remote"]
     ckpt, hf_out = tmp_path / "ckpt", tmp_path / "hf"
-    _run(CONVERT + ["import", "--hf-dir", src, "--out", ckpt, "--pp", "2"])
+    _run(CONVERT + ["import", "--hf-dir", src, "--out", ckpt])
     saved = yaml_model(ckpt)
     assert saved["language"]["arch"] == "internlm2" and saved["image_token_id"] == 150
     _run(CONVERT + ["export", "--ckpt", ckpt, "--out", hf_out, "--format", "remote-code",
