@@ -176,7 +176,5 @@ def build_internvl_model(model, parallel, precision="fp32", pre_process=True, po
         with init_rng_scope("projector"):
             projector = Projector(language.config, model.vision.hidden_size * scale * scale,
                                   model.language.hidden_size, model.projector_norm_eps)
-    vlm = InternVLModel(language, vision, projector, model.image_token_id, model.downsample_ratio)
-    if vision is not None and vlm.num_image_token != model.num_image_token:
-        raise AssertionError(f"num_image_token {vlm.num_image_token} != {model.num_image_token}")
-    return vlm
+    return InternVLModel(language, vision, projector, model.image_token_id, model.num_image_token,
+                         model.downsample_ratio)

@@ -31,6 +31,7 @@ class InternVLModel(MegatronModule):
         vision_model: InternViT | None,
         projector: Projector | None,
         image_token_id: int,
+        num_image_token: int,
         downsample_ratio: float = 0.5,
     ):
         super().__init__(config=language_model.config)
@@ -45,20 +46,23 @@ class InternVLModel(MegatronModule):
         self.image_token_id = image_token_id
         self.scale = round(1 / downsample_ratio)
         self.share_embeddings_and_output_weights = False
+        self._num_image_token = num_image_token
+        self.image_size = None
         if vision_model is not None:
             emb = vision_model.embeddings
             self.image_size = emb.grid * emb.patch_size
-            self._num_image_token = (emb.grid // self.scale) ** 2
-        else:
-            self.image_size = None
-            self._num_image_token = None
+            if (emb.grid // self.scale) ** 2 != num_image_token:
+                raise ValueError(
+                    f"num_image_token={num_image_token} does not match the vision tower: "
+                    f"({emb.grid} patches per side / {self.scale})^2 = {(emb.grid // self.scale) ** 2}"
+                )
 
     # ---- properties -------------------------------------------------------------------------
 
     @property
-    def num_image_token(self) -> int | None:
-        """LLM tokens per tile ((image_size / patch / scale)^2; 256 for 448 tiles). None on
-        stages without the vision tower (use ModelConfig.num_image_token there)."""
+    def num_image_token(self) -> int:
+        """LLM tokens per tile: (image_size / patch_size * downsample_ratio)^2, 256 for 448
+        tiles; equals ModelConfig.num_image_token (on every pipeline stage)."""
         return self._num_image_token
 
     @property

@@ -10,6 +10,7 @@ def test_tp2_pp2_logits_equal_single_process(single, multi):
     # ranks 0,1: stage 0 (ViT + 1 LLM layer); ranks 2,3: stage 1 (3 LLM layers)
     assert [r["first_stage"] for r in multi] == [True, True, False, False]
     assert [r["llm_layers_here"] for r in multi] == [1, 1, 3, 3]
+    assert [r["num_image_token"] for r in multi] == [4, 4, 4, 4]  # also without the ViT
     for rank in (2, 3):
         assert len(multi[rank]["logits"]) == 2
         for got, ref in zip(multi[rank]["logits"], single["ref_logits"]):

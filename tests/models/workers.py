@@ -352,6 +352,7 @@ def multi_rank_suite(checkpoint_dir: str) -> dict:
     parallel = init(tp=2, pp=2, sp=True, first=1)
     model = build(cfg, parallel).train()
     res["llm_layers_here"] = len(model.language_model.decoder.layers)
+    res["num_image_token"] = model.num_image_token
     res["first_stage"] = ps.is_pipeline_first_stage()
     res["shapes"] = {canonical_name(sh): full_shape(sh) for sh in iter_shards(model)}
     grads, logits, _ = train_step(model, [packed_batch(41), packed_batch(42)])
