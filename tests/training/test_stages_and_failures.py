@@ -1,0 +1,78 @@
+"""Stages freeze what they should; NaN steps are skipped; SIGTERM leaves a loadable checkpoint."""
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from harness import run_ranks
+from megatron_internvl.training.checkpoint import verify_checkpoint
+from training.runner import read_metrics, step_records
+from training.workers import stage_changes
+
+
+def _component(name):
+    return name.split(".")[0]
+
+
+def test_stages_freeze_and_train(tiny_data):
+    res = run_ranks(stage_changes, 1, str(tiny_data), timeout=300)[0]
+    expect = {
+        "mlp_warmup": {"vision_model": False, "projector": True, "language_model": False},
+        "vit_incremental": {"vision_model": True, "projector": True, "language_model": False},
+        "full": {"vision_model": True, "projector": True, "language_model": True},
+    }
+    for stage, per_component in expect.items():
+        changed = res[stage]["changed"]
+        assert not res[stage]["frozen_with_state"], f"{stage}: frozen params with grads/optimizer state"
+        for name, did in changed.items():
+            trains = per_component[_component(name)]
+            if trains:
+                assert did, f"{stage}: trainable {name} did not change"
+            else:
+                assert not did, f"{stage}: frozen {name} changed"
+    last = res["vit_last_layer"]["changed"]
+    for name, did in last.items():
+        if name.startswith("vision_model."):
+            assert did == name.startswith("vision_model.decoder.layers.1."), name
+        elif name.startswith("language_model."):
+            assert not did, name
+
+
+def test_nan_loss_is_skipped_then_run_stops_after_too_many(trainer, tmp_path):
+    run = tmp_path / "nan"
+    trainer(run, 1, "training.train_steps=5", "optimizer.warmup_steps=1", "training.inject_nan_steps=[2]")
+    events = [r for r in read_metrics(run) if "event" in r]
+    assert [e["step"] for e in events if "skipped_update" in e["event"]] == [2]
+    steps = step_records(run)
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+    assert steps[2]["grad_norm"] is None and all(steps[s]["grad_norm"] is not None for s in (1, 3, 4, 5))
+
+    run = tmp_path / "nan-abort"
+    out = trainer(run, 1, "training.train_steps=6", "training.inject_nan_steps=[2,3]",
+                  "training.max_nonfinite_in_row=2", expect_rc=2)
+    assert "2 non-finite steps in a row" in out.stderr and "max_nonfinite_in_row" in out.stderr
+
+
+def test_sigterm_saves_a_loadable_checkpoint(trainer, tmp_path):
+    run = tmp_path / "sig"
+    cmd = trainer.command(run, 1, ["training.train_steps=500"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=trainer.env(), cwd=str(run.parent))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(step_records(run)) < 2:
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 42, err[-3000:]
+    stopped = [r for r in read_metrics(run) if "stopped" in r.get("event", {})]
+    assert stopped and stopped[0]["event"]["stopped"] == "SIGTERM"
+    ckpt = run / "checkpoints" / f"iter_{stopped[0]['step']:07d}"
+    assert verify_checkpoint(ckpt) is None
+    # It loads: the next run resumes from it and takes one more step.
+    out = trainer(run, 1, "training.train_steps=500", "training.exit_interval=1", expect_rc=42)
+    assert "resumed from" in out.stderr
+    assert max(step_records(run)) == stopped[0]["step"] + 1

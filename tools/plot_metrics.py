@@ -1,0 +1,81 @@
+"""Plot a run's metrics.jsonl: loss, grad norm and throughput curves as PNG files.
+
+    python tools/plot_metrics.py RUN_DIR [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"plot_metrics: {path} not found: RUN_DIR must be a training run directory")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            print(f"plot_metrics: skipping malformed line {n} of {path}", file=sys.stderr)
+            continue
+        if "loss" in rec:
+            records.append(rec)
+    if not records:
+        raise SystemExit(f"plot_metrics: {path} has no step records yet")
+    return records
+
+
+def plot(run_dir: Path, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = load(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [r["step"] for r in recs]
+    panels = {
+        "loss": [("loss", "loss")] + sorted({(f"dataset_loss.{k}", f"loss [{k}]")
+                                             for r in recs for k in r.get("dataset_loss", {})}),
+        "grad_norm": [("grad_norm", "grad norm")],
+        "throughput": [("tokens_per_s", "tokens/s"), ("tflops_per_gpu", "TFLOP/s per GPU")],
+    }
+    written = []
+    for name, series in panels.items():
+        fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.6 * len(series)), squeeze=False)
+        for ax, (key, label) in zip(axes[:, 0], series):
+            if key.startswith("dataset_loss."):
+                ds = key.split(".", 1)[1]
+                pts = [(r["step"], r["dataset_loss"][ds]) for r in recs if ds in r.get("dataset_loss", {})]
+            else:
+                pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 60 else None)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle(f"{run_dir.name}: {name} (steps {steps[0]}-{steps[-1]})")
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/plots)")
+    args = parser.parse_args(argv)
+    for path in plot(args.run_dir, args.out or args.run_dir / "plots"):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
