@@ -263,6 +263,14 @@ class CheckpointManager:
         dist_checkpointing.save(state, str(tmp))
         _barrier()
         if _is_rank0():
+            model_cfg = (common or {}).get("config", {}).get("model")
+            if model_cfg is not None:
+                # Same sidecar as converted checkpoints: `convert export` works on this directory.
+                import yaml
+
+                from megatron_internvl.convert.checkpoint import MODEL_YAML
+
+                (tmp / MODEL_YAML).write_text(yaml.safe_dump({"model": model_cfg}, sort_keys=False))
             _write_complete_marker(tmp)
             if target.exists():
                 shutil.rmtree(target)
