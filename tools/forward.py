@@ -30,12 +30,13 @@ def main(argv=None) -> int:
                    help="parameter dtype (default: the checkpoint's)")
     args = p.parse_args(argv)
 
+    from megatron_internvl.config import ConfigError
     from megatron_internvl.convert import ConversionError
     from megatron_internvl.convert.forward import run_forward
 
     try:
         run_forward(args.ckpt, args.tp, args.pp, args.inputs, args.out, args.precision)
-    except ConversionError as exc:
+    except (ConversionError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

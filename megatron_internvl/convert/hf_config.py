@@ -103,6 +103,8 @@ def _language(cfg: dict, arch: str, where: str) -> LanguageConfig:
     if head_dim is not None:
         _require(head_dim * heads == hidden, f"{where}.head_dim", head_dim,
                  f"hidden_size / num_attention_heads = {hidden // heads}")
+    if cfg.get("use_sliding_window", False):
+        _require(False, f"{where}.use_sliding_window", True, "false (full attention in every layer)")
     if arch == "qwen2":
         qkv_bias = True
     elif arch == "llama":

@@ -8,7 +8,7 @@ Importing asks, for each canonical megatron tensor a rank holds, for its full va
 from __future__ import annotations
 
 from . import ConversionError
-from .tables import Rule, output_tied_to, table
+from .tables import IGNORED_HF_SUFFIXES, Rule, output_tied_to, table
 from .transforms import Dims, expected_hf_shapes
 
 
@@ -78,7 +78,7 @@ class Mapping:
     def check_names(self, present) -> None:
         """Missing and unexpected HF tensors are errors that name them."""
         expected = set(self.hf_names())
-        present = set(present)
+        present = {n for n in present if not n.endswith(IGNORED_HF_SUFFIXES)}
         missing = [n for n in self.hf_names() if n not in present]
         extra = sorted(present - expected)
         problems = []

@@ -202,6 +202,9 @@ FORMATS = {
     "remote-code": (REMOTE_CODE_VISION, REMOTE_CODE_LLM),
 }
 
+# Stored by some exporters but recomputed by every model: not weights.
+IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
+
 # transformers 5 in-memory names -> the names save_pretrained writes.
 HF_ALIASES = (
     ("model.language_model.", "language_model.model."),

@@ -49,6 +49,7 @@ def _check(logits, ref, what):
     for batch, value in logits.items():
         assert value.shape == ref[batch].shape, f"{what} {batch}: {value.shape} vs {ref[batch].shape}"
         err = rel_l2(value, ref[batch])
+        print(f"[parity] {what}, {batch}: relative L2 error {err:.2e}")  # shown with -s
         assert err <= TOL, f"{what}, {batch} batch: relative L2 error {err:.2e} > {TOL}"
 
 

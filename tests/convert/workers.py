@@ -51,17 +51,3 @@ def import_and_forward(jobs: list[dict], batches: dict) -> dict:
                 out[(job["name"], _layout_name(ltp, lpp))] = logits
             torch.distributed.barrier()
     return out
-
-
-def import_error(hf_dir: str, ckpt: str) -> str:
-    """Run one rank's import and return the error it raises (for the wrong-shape test)."""
-    from megatron_internvl.convert import ConversionError
-    from megatron_internvl.convert.importer import convert_on_rank, plan
-
-    _, job, _ = plan(hf_dir, 1, 1)
-    job.out_dir = ckpt
-    try:
-        convert_on_rank(job)
-    except ConversionError as exc:
-        return str(exc)
-    return ""
