@@ -144,8 +144,11 @@ def _export_here(*args, log):
 
     if torch.distributed.is_initialized():
         raise RuntimeError("in-process export needs a process without torch.distributed")
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    keys = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+    saved = {k: os.environ.get(k) for k in keys}
+    # A CPU job (gloo) like import; hiding GPUs works as long as CUDA was not used yet.
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="")
     try:
         return export_on_rank(*args, report=log)
     finally:

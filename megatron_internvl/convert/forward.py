@@ -90,6 +90,9 @@ def run_forward(ckpt, tp: int, pp: int, inputs_path, out_path, precision: str | 
     inputs = check_inputs(torch.load(inputs_path, weights_only=True), model_cfg)
     distributed.initialize(parallel)
     model = build_chunk(model_cfg, parallel, precision)
+    if torch.cuda.is_available():  # GPU nodes (nccl); on CPU the gloo execution layer runs it
+        model.cuda()
+        inputs = {k: v.cuda() for k, v in inputs.items()}
     load_weights(model, ckpt)
     logits = forward_logits(model, inputs, model_cfg)
     if (
@@ -97,5 +100,5 @@ def run_forward(ckpt, tp: int, pp: int, inputs_path, out_path, precision: str | 
         and ps.get_tensor_model_parallel_rank() == 0
         and ps.get_data_parallel_rank() == 0
     ):
-        torch.save(logits, out_path)
+        torch.save(logits.cpu(), out_path)
     torch.distributed.barrier()

@@ -51,7 +51,7 @@ def plan(hf_dir, tp: int, pp: int, first_stage_layers=None, precision: str = "au
     reader = SafetensorsReader(hf_dir, HF_ALIASES)
     names = set(reader.names())
     mapping = Mapping(hf.fmt, hf.model)
-    out_name, _ = output_tied_to(hf.fmt, hf.model.language.arch)
+    out_name, emb_name = output_tied_to(hf.fmt, hf.model.language.arch)
     if hf.tied and mapping.entries[out_name][1][0] not in names:
         # Tied and stored once: the output layer starts as a copy of the embedding. (A tied
         # config with an lm_head tensor of its own is treated as untied, as transformers does.)
@@ -59,7 +59,7 @@ def plan(hf_dir, tp: int, pp: int, first_stage_layers=None, precision: str = "au
     hf.tied = mapping.tied
     mapping.check_names(names)
     if precision == "auto":
-        dtype = reader.dtype(mapping.hf_names()[0])
+        dtype = reader.dtype(mapping.entries[emb_name][1][0])  # the LLM embedding's
         precision = _DTYPE_NAMES.get(str(dtype), "fp32")
     if precision not in ("fp32", "bf16"):
         raise ConversionError(f"--dtype {precision}: use auto, fp32 or bf16")
@@ -147,7 +147,7 @@ def run_import(hf_dir, out, tp: int = 1, pp: int = 1, first_stage_layers=None,
         if unused:
             raise ConversionError(
                 f"no rank's model has the megatron tensor(s) {unused[:8]} that the {hf.fmt} table "
-                f"maps: the model built from model.yaml does not match the table"
+                f"maps: the model built from config.json does not match the table"
             )
         write_sidecars(staging, hf.model, {
             "source_format": hf.fmt, "source": str(Path(hf_dir).resolve()),

@@ -4,7 +4,8 @@ A converted checkpoint for a TP x PP layout is written by TP x PP ranks together
 (``dist_checkpointing.save``), each holding only its own model chunk. On one machine without a
 launcher the converter starts those ranks itself. Ranks report progress lines to the parent,
 which prints them; the first failing rank's error is raised in the parent and the other ranks
-are stopped (they would otherwise wait forever in a collective).
+are stopped (they would otherwise wait forever in a collective). Conversion is CPU work: the
+ranks never see a GPU (gloo, the CPU execution layer), also on GPU nodes.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _worker(fn, rank, world_size, port, threads, args, queue):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        OMP_NUM_THREADS=str(threads),
+        OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="",  # read at CUDA's first use
     )
     try:
         import torch
