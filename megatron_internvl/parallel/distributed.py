@@ -75,7 +75,18 @@ def read_launch_env(environ=None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+    # A single process needs a store too: a free port unless one is given, so that several
+    # single-process runs (tests, tools) can share a machine.
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+    return LaunchEnv(0, 1, 0, "127.0.0.1", port, "single")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:

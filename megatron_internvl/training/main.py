@@ -90,6 +90,8 @@ def build_optimizer(config: Config, chunks):
     )
     for chunk in ddp:
         cfg = chunk.config
+        # Packed micro-batches differ in length: pipeline stages exchange shapes first.
+        cfg.variable_seq_lengths = p.pipeline_parallel > 1
         cfg.finalize_model_grads_func = finalize_model_grads
         cfg.grad_scale_func = optimizer.scale_loss
         cfg.no_sync_func = [c.no_sync for c in ddp] if len(ddp) > 1 else ddp[0].no_sync
@@ -147,6 +149,11 @@ def run(config: Config, recipe=None, overrides=()) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
     dtype = _DTYPES[t.precision]
+    if (config.parallel.virtual_pipeline_parallel or 1) > 1 and not torch.cuda.is_available():
+        raise ConfigError(
+            "parallel.virtual_pipeline_parallel > 1 (interleaved 1F1B) does not reproduce the "
+            "PP=1 losses on the CPU execution layer (micro-batches 3+ differ; a known open issue, "
+            "see docs/training.md): unset parallel.virtual_pipeline_parallel")
 
     tokenizer = build_tokenizer(config.data)
     check_data_matches_model(config, tokenizer)
