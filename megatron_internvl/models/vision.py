@@ -28,9 +28,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.mappings import (
-    _reduce,
-)
+from megatron.core.tensor_parallel.mappings import _reduce
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
