@@ -63,7 +63,7 @@ def export_on_rank(ckpt: str, staging: str, fmt: str, max_shard_bytes: int, repo
             whole[_local_index(sh)] = sh.data
         return whole
 
-    out_name, emb_name = output_tied_to(fmt, model_cfg.language.arch)
+    out_name, emb_name = output_tied_to()
     tied = (bool(info.get("tied_embeddings")) and out_name in shards
             and torch.equal(full(out_name), full(emb_name)))
     mapping = Mapping(fmt, model_cfg, tied=tied)

@@ -51,7 +51,7 @@ def plan(hf_dir, tp: int, pp: int, first_stage_layers=None, precision: str = "au
     reader = SafetensorsReader(hf_dir, HF_ALIASES)
     names = set(reader.names())
     mapping = Mapping(hf.fmt, hf.model)
-    out_name, emb_name = output_tied_to(hf.fmt, hf.model.language.arch)
+    out_name, emb_name = output_tied_to()
     if hf.tied and mapping.entries[out_name][1][0] not in names:
         # Tied and stored once: the output layer starts as a copy of the embedding. (A tied
         # config with an lm_head tensor of its own is treated as untied, as transformers does.)

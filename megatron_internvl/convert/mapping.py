@@ -60,7 +60,7 @@ class Mapping:
                 continue
             for meg, hf in _expand(rule, model_cfg):
                 self.entries[meg] = (rule.kind, hf)
-        out_name, emb_name = output_tied_to(fmt, model_cfg.language.arch)
+        out_name, emb_name = output_tied_to()
         if tied:
             # The output layer reads the embedding's HF tensor; there is no lm_head to expect.
             self.entries[out_name] = (self.entries[out_name][0], self.entries[emb_name][1])

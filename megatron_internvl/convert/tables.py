@@ -223,7 +223,7 @@ def table(fmt: str, arch: str) -> tuple[Rule, ...]:
     return tuple(vision) + llm
 
 
-def output_tied_to(fmt: str, arch: str) -> tuple[str, str]:
-    """(megatron output name, megatron embedding name) for tied checkpoints."""
+def output_tied_to() -> tuple[str, str]:
+    """(megatron output layer name, megatron embedding name): the pair a tied checkpoint shares."""
     (out, emb), = TIED_OUTPUT.items()
     return LM_PREFIX + out, LM_PREFIX + emb
