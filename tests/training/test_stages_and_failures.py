@@ -76,3 +76,18 @@ def test_sigterm_saves_a_loadable_checkpoint(trainer, tmp_path):
     out = trainer(run, 1, "training.train_steps=500", "training.exit_interval=1", expect_rc=42)
     assert "resumed from" in out.stderr
     assert max(step_records(run)) == stopped[0]["step"] + 1
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_model_mismatch_is_named(trainer, tmp_path):
+    run = tmp_path / "ck"
+    trainer(run, 1, "checkpoint.save_interval=2", "training.exit_interval=4", expect_rc=42)
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text() == "iter_0000004"
+    shard = sorted((ckpts / "iter_0000004").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # a truncated write
+    out = trainer(run, 1, "checkpoint.save_interval=2", "training.exit_interval=3", expect_rc=42)
+    assert "iter_0000004 is unusable" in out.stderr and "bytes" in out.stderr
+    assert "resumed from" in out.stderr and "iter_0000002 at step 2" in out.stderr
+    # A model that does not match the checkpoint: the error names the field.
+    out = trainer(run, 1, "model.language.ffn_hidden_size=96", expect_rc=2)
+    assert "model.language.ffn_hidden_size=128" in out.stderr and "=96" in out.stderr
