@@ -32,6 +32,17 @@ def test_stages_freeze_and_train(tiny_data):
                 assert did, f"{stage}: trainable {name} did not change"
             else:
                 assert not did, f"{stage}: frozen {name} changed"
+    # Per-component LR multipliers; no weight decay on norms and biases.
+    lr = 3.0e-3
+    for params, max_lr, wd_mult in res["full"]["groups"]:
+        for n in params:
+            want = {"vision_model": 0.1 * lr, "projector": 2.0 * lr, "language_model": lr}[_component(n)]
+            assert max_lr == pytest.approx(want), (n, max_lr)
+            is_1d = n.endswith("bias") or "norm" in n or n.endswith(("ls1", "ls2"))
+            if n.endswith("bias") or "layernorm" in n:
+                assert wd_mult == 0.0, n
+            elif not is_1d and not n.endswith(("class_embedding", "position_embedding")):
+                assert wd_mult == 1.0, n
     last = res["vit_last_layer"]["changed"]
     for name, did in last.items():
         if name.startswith("vision_model."):
