@@ -28,6 +28,9 @@ def apply_stage(chunks, training) -> dict:
     flags = stage_freeze_flags(training)
     for chunk in chunks:
         chunk.freeze(**flags)
+        # A frozen ViT is a fixed feature extractor: no drop-path (eval mode) while it is frozen.
+        if flags.get("vision") and getattr(chunk, "vision_model", None) is not None:
+            chunk.vision_model.eval()
     return flags
 
 
