@@ -214,6 +214,19 @@ def is_training_checkpoint(path: Path) -> bool:
         return False
 
 
+def saved_model_config(path: Path) -> dict | None:
+    """The model section a checkpoint was written with (training or converter checkpoints)."""
+    import yaml
+
+    from megatron_internvl.convert.checkpoint import MODEL_YAML
+
+    sidecar = Path(path) / MODEL_YAML
+    if sidecar.is_file():
+        data = yaml.safe_load(sidecar.read_text()) or {}
+        return data.get("model", data)
+    return None
+
+
 class CheckpointManager:
     """``save_dir/iter_0000010/`` directories plus a ``latest`` marker, newest ``keep_last`` kept."""
 

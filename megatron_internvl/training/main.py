@@ -162,8 +162,8 @@ def run(config: Config, recipe=None, overrides=()) -> int:
     chunks = build_chunks(config)
     flags = apply_stage(chunks, t)
     trainable = trainable_components(flags)
-    for prefixes, path in (((("language_model.",)), config.checkpoint.init_language),
-                           ((("vision_model.", "projector.")), config.checkpoint.init_vision)):
+    for prefixes, path in ((("language_model.",), config.checkpoint.init_language),
+                           (("vision_model.", "projector."), config.checkpoint.init_vision)):
         if path and not config.checkpoint.load:
             n = ckpt.load_component(chunks, path, prefixes)
             logger.info("initialised %s from %s (%d tensors)", "/".join(prefixes), path, n)
@@ -180,9 +180,9 @@ def run(config: Config, recipe=None, overrides=()) -> int:
     if source is not None:
         # Weights only when asked, or when the checkpoint holds nothing else (converter output).
         finetune = config.checkpoint.finetune or not ckpt.is_training_checkpoint(source)
-        if not finetune:
-            saved = ckpt.CheckpointManager.read_common(source)
-            ckpt.check_model_config_matches(saved["config"]["model"], config_to_dict(config)["model"], source)
+        saved_model = ckpt.saved_model_config(source)
+        if saved_model is not None:
+            ckpt.check_model_config_matches(saved_model, config_to_dict(config)["model"], source)
         state = ckpt.CheckpointManager.load(source, ddp, optimizer, scheduler,
                                             data_state_wanted=not finetune, finetune=finetune)
         start_step = state["step"]
