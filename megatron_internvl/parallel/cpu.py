@@ -15,7 +15,10 @@ megatron-core code paths run on gloo CPU ranks:
    equivalents or no-ops. The "CUDA" RNG is the CPU default generator, so megatron's
    model-parallel RNG tracker (``get_cuda_rng_tracker().fork()``) really forks the generator that
    CPU dropout and weight initialisation draw from: per-TP-rank initialisation stays correct.
-3. ``Tensor.type()`` without arguments reports ``torch.cuda.<Kind>Tensor`` for CPU tensors,
+3. pipeline point-to-point messages are tagged by direction (gloo matches untagged messages
+   from one peer in posting order, which swaps activations and gradients when the previous
+   and next stage are the same process, as in the interleaved schedule with PP=2);
+4. ``Tensor.type()`` without arguments reports ``torch.cuda.<Kind>Tensor`` for CPU tensors,
    because megatron's (distributed) optimizer and gradient clipping refuse parameters whose type
    string is not a CUDA one.
 
@@ -259,6 +262,37 @@ def _patch_factories() -> None:
     torch.Tensor.record_stream = lambda self, *args, **kwargs: None
 
 
+_TAG_FORWARD, _TAG_BACKWARD = 1, 2
+
+
+def _patch_pipeline_p2p() -> None:
+    """Tag pipeline messages by direction.
+
+    gloo matches a receive to the first pending send from the same peer with the same tag. With
+    two pipeline stages the previous and the next stage are the same process, so in the
+    interleaved schedule an activation (to next) and a gradient (to previous) can be in flight to
+    the same peer at once, both untagged, and get swapped. Activations travel with one tag,
+    gradients with another.
+    """
+    from megatron.core.pipeline_parallel import p2p_communication as p2p
+
+    def batched(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next, group,
+                prev_pipeline_rank, next_pipeline_rank):
+        ops = []
+        dist = torch.distributed
+        if tensor_send_prev is not None:
+            ops.append(dist.P2POp(dist.isend, tensor_send_prev, prev_pipeline_rank, group, _TAG_BACKWARD))
+        if tensor_recv_prev is not None:
+            ops.append(dist.P2POp(dist.irecv, tensor_recv_prev, prev_pipeline_rank, group, _TAG_FORWARD))
+        if tensor_send_next is not None:
+            ops.append(dist.P2POp(dist.isend, tensor_send_next, next_pipeline_rank, group, _TAG_FORWARD))
+        if tensor_recv_next is not None:
+            ops.append(dist.P2POp(dist.irecv, tensor_recv_next, next_pipeline_rank, group, _TAG_BACKWARD))
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    p2p._batched_p2p_ops = batched
+
+
 def cpu_mode_active() -> bool:
     return _INSTALLED
 
@@ -274,6 +308,7 @@ def install() -> bool:
     _patch_tensor_type()
     _patch_megatron_rng()
     _patch_factories()
+    _patch_pipeline_p2p()
     _MODE = _CudaToCpu()
     _MODE.__enter__()
     _INSTALLED = True

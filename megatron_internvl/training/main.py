@@ -149,11 +149,6 @@ def run(config: Config, recipe=None, overrides=()) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
     dtype = _DTYPES[t.precision]
-    if (config.parallel.virtual_pipeline_parallel or 1) > 1 and not torch.cuda.is_available():
-        raise ConfigError(
-            "parallel.virtual_pipeline_parallel > 1 (interleaved 1F1B) does not reproduce the "
-            "PP=1 losses on the CPU execution layer (micro-batches 3+ differ; a known open issue, "
-            "see docs/training.md): unset parallel.virtual_pipeline_parallel")
 
     tokenizer = build_tokenizer(config.data)
     check_data_matches_model(config, tokenizer)

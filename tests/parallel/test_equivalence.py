@@ -45,9 +45,11 @@ def test_baseline_learns(baseline):
         (1, 2, 2, "PP=2 (1F1B, 4 micro-batches)"),
         (1, 1, 2, "DP=2 (distributed optimizer)"),
         (2, 2, 4, "TP=2 x PP=2 (sequence parallel)"),
+        (1, 2, 2, "PP=2 x VPP=2 (interleaved 1F1B)"),
     ],
 )
 def test_layout_matches_single_process(baseline, tp, pp, world, what):
-    results = run_ranks(train_steps, world, tp, pp, sequence_parallel="sequence" in what, timeout=300)
+    results = run_ranks(train_steps, world, tp, pp, sequence_parallel="sequence" in what,
+                        vpp=2 if "VPP" in what else 1, timeout=300)
     for rank_result in results:
         _compare(baseline, rank_result, what)

@@ -36,7 +36,7 @@ def global_batch(step: int):
     return batches
 
 
-def build_chunk(model_cfg, parallel):
+def build_chunk(model_cfg, parallel, vp_stage=None):
     from megatron.core import parallel_state as ps
 
     from megatron_internvl.models.factory import build_language_model
@@ -44,7 +44,9 @@ def build_chunk(model_cfg, parallel):
 
     model = build_language_model(
         model_cfg, parallel, "fp32",
-        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
     )
     load_full_state_dict(model, lambda name, shape: seeded_full_tensor(name, shape))
     return model
@@ -66,7 +68,7 @@ def allgather_distopt_grads(ddp) -> None:
             torch.distributed.all_gather(shards, shards[rank].clone(), group=pg)
 
 
-def train_steps(tp: int, pp: int, steps: int = 3, sequence_parallel: bool = False) -> dict:
+def train_steps(tp: int, pp: int, steps: int = 3, sequence_parallel: bool = False, vpp: int = 1) -> dict:
     """Train the tiny decoder for ``steps`` optimizer steps on the same global batches in any
     layout; return losses, grad norms, gathered first-step gradients and final parameters."""
     from megatron.core import parallel_state as ps
@@ -79,27 +81,29 @@ def train_steps(tp: int, pp: int, steps: int = 3, sequence_parallel: bool = Fals
     from megatron_internvl.parallel.sharding import gather_full_state_dict
     from megatron_internvl.training.loss import backward_scale, weighted_token_loss
 
-    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sequence_parallel)
+    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sequence_parallel,
+                              virtual_pipeline_parallel=vpp if vpp > 1 else None)
     model_cfg = tiny_model_config()
     parallel.validate(model_cfg)
     distributed.initialize(parallel, seed=1234)
-    model = build_chunk(model_cfg, parallel)
-    config = model.config
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
-        model,
-    )
+    chunks = [build_chunk(model_cfg, parallel, vp if vpp > 1 else None) for vp in range(vpp)]
+    ddp = [
+        DistributedDataParallel(
+            c.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
+            c, disable_bucketing=i > 0)
+        for i, c in enumerate(chunks)
+    ]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=1e-3, weight_decay=0.01, clip_grad=1.0,
             use_distributed_optimizer=True, params_dtype=torch.float32,
         ),
-        [ddp],
+        ddp,
     )
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-    config.no_sync_func = ddp.no_sync
+    for c in ddp:
+        c.config.finalize_model_grads_func = finalize_model_grads
+        c.config.grad_scale_func = optimizer.scale_loss
+        c.config.no_sync_func = [d.no_sync for d in ddp] if vpp > 1 else ddp[0].no_sync
 
     dp = ps.get_data_parallel_world_size()
     dp_rank = ps.get_data_parallel_rank()
@@ -121,25 +125,28 @@ def train_steps(tp: int, pp: int, steps: int = 3, sequence_parallel: bool = Fals
 
             return out, loss_func
 
-        ddp.zero_grad_buffer()
+        for c in ddp:
+            c.zero_grad_buffer()
         optimizer.zero_grad()
         outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(local), model=[ddp],
+            forward_step_func=forward_step,
+            data_iterator=[iter(local) for _ in ddp] if vpp > 1 else iter(local), model=ddp,
             num_microbatches=per_rank, seq_length=SEQ, micro_batch_size=1, forward_only=False,
         )
         if step == 0:
-            allgather_distopt_grads(ddp)
-            result["grads"] = gather_full_state_dict([model], select=lambda p: p.main_grad)
+            for c in ddp:
+                allgather_distopt_grads(c)
+            result["grads"] = gather_full_state_dict(chunks, select=lambda p: p.main_grad)
         ok, grad_norm, _ = optimizer.step()
         assert ok
         result["grad_norms"].append(float(grad_norm))
         loss = torch.zeros((), dtype=torch.float64)
-        if ps.is_pipeline_last_stage():
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
             loss += sum(float(o["loss"]) for o in outputs)
         # Sum over DP, then make it known to every stage (only the last one computed it).
         torch.distributed.all_reduce(loss)
         result["losses"].append(float(loss) / (tp * ps.get_context_parallel_world_size()))
-    result["params"] = gather_full_state_dict([model])
+    result["params"] = gather_full_state_dict(chunks)
     return result
 
 
