@@ -7,10 +7,16 @@ when complete, so an interrupted save never leaves something that looks like a c
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import os
+import random
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from megatron.core import dist_checkpointing
 
@@ -78,11 +84,6 @@ def load_model_checkpoint(models, directory: str | os.PathLike) -> None:
 # --------------------------------------------------------------------------------------------
 # Training checkpoints: model + optimizer + scheduler + RNG + data state, atomic, keep-last-k.
 
-import json
-import logging
-import random
-
-import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -230,9 +231,11 @@ def saved_model_config(path: Path) -> dict | None:
 class CheckpointManager:
     """``save_dir/iter_0000010/`` directories plus a ``latest`` marker, newest ``keep_last`` kept."""
 
-    def __init__(self, save_dir: str | os.PathLike, keep_last: int = 3):
+    def __init__(self, save_dir: str | os.PathLike, keep_last: int = 3, async_save: bool = False):
         self.dir = Path(save_dir)
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._async_queue = None
 
     @staticmethod
     def name(step: int) -> str:
@@ -261,6 +264,10 @@ class CheckpointManager:
         return None
 
     def save(self, step: int, chunks, optimizer, scheduler, *, data_state=None, common=None) -> Path:
+        """Write ``iter_<step>`` (all ranks). With ``async_save`` the tensors are written by a
+        background process and the checkpoint is published by a later :meth:`poll` or
+        :meth:`wait`; until then ``latest`` still names the previous one."""
+        self.wait()  # at most one save in flight: bounded host memory, ordered publication
         target = self.dir / self.name(step)
         tmp = target.with_name(target.name + ".tmp")
         if _is_rank0():
@@ -273,28 +280,72 @@ class CheckpointManager:
         state.update(_per_rank_objects(data_state, with_rng=True))
         state["common"] = {"step": step, "scheduler": scheduler.state_dict(), "layout": _layout(),
                            **(common or {})}
-        dist_checkpointing.save(state, str(tmp))
-        _barrier()
-        if _is_rank0():
-            model_cfg = (common or {}).get("config", {}).get("model")
-            if model_cfg is not None:
-                # Same sidecar as converted checkpoints: `convert export` works on this directory.
-                import yaml
-
-                from megatron_internvl.convert.checkpoint import MODEL_YAML
-
-                (tmp / MODEL_YAML).write_text(yaml.safe_dump({"model": model_cfg}, sort_keys=False))
-            _write_complete_marker(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-            marker_tmp = self.dir / (LATEST + ".tmp")
-            marker_tmp.write_text(target.name)
-            os.replace(marker_tmp, self.dir / LATEST)
-            for old in self.candidates()[self.keep_last:]:
-                shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        model_cfg = (common or {}).get("config", {}).get("model")
+        publish = functools.partial(self._publish, tmp, target, model_cfg, time.monotonic())
+        if not self.async_save:
+            dist_checkpointing.save(state, str(tmp))
+            _barrier()
+            publish()
+            _barrier()
+            return target
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        request.add_finalize_fn(publish)
+        self._queue().schedule_async_request(request)
         return target
+
+    def _publish(self, tmp: Path, target: Path, model_cfg: dict | None, started: float) -> None:
+        """Rank 0, after every rank's files are on disk: sidecar, complete.json, rename, latest."""
+        if not _is_rank0():
+            return
+        if model_cfg is not None:
+            # Same sidecar as converted checkpoints: `convert export` works on this directory.
+            import yaml
+
+            from megatron_internvl.convert.checkpoint import MODEL_YAML
+
+            (tmp / MODEL_YAML).write_text(yaml.safe_dump({"model": model_cfg}, sort_keys=False))
+        _write_complete_marker(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        marker_tmp = self.dir / (LATEST + ".tmp")
+        marker_tmp.write_text(target.name)
+        os.replace(marker_tmp, self.dir / LATEST)
+        for old in self.candidates()[self.keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint %s complete (%.1f s after the save began)", target,
+                    time.monotonic() - started)
+
+    # Asynchronous saves. Each call below is a collective: every rank calls it at the same point.
+    def _queue(self):
+        if self._async_queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            # Forked writers (not the persistent spawned worker): on CPU, tensors are not copied
+            # before the write, and a fork is what keeps the optimizer's next updates out of them.
+            self._async_queue = AsyncCallsQueue(persistent=False)
+        return self._async_queue
+
+    @property
+    def pending(self) -> int:
+        return 0 if self._async_queue is None else self._async_queue.get_num_unfinalized_calls()
+
+    def poll(self) -> None:
+        """Publish a background save if every rank has finished writing it (once per step)."""
+        if self.pending:
+            self._async_queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until a background save is written and published."""
+        if self.pending:
+            self._async_queue.maybe_finalize_async_calls(blocking=True)
+
+    def abort(self) -> None:
+        """Kill a background writer without publishing (after an error on some ranks, when
+        collectives are unsafe); its ``.tmp`` directory is never taken for a checkpoint."""
+        if self._async_queue is not None:
+            self._async_queue.close(abort=True)
+            self._async_queue = None
 
     @staticmethod
     def read_common(path: Path) -> dict:

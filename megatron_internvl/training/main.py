@@ -164,7 +164,7 @@ def run(config: Config, recipe=None, overrides=()) -> int:
             logger.info("initialised %s from %s (%d tensors)", "/".join(prefixes), path, n)
     ddp, optimizer, scheduler = build_optimizer(config, chunks)
 
-    manager = ckpt.CheckpointManager(save_dir, config.checkpoint.keep_last)
+    manager = ckpt.CheckpointManager(save_dir, config.checkpoint.keep_last, config.checkpoint.async_save)
     load_dir = Path(config.checkpoint.load) if config.checkpoint.load else save_dir
     start_step, data_state = 0, None
     source = ckpt.CheckpointManager(load_dir).latest_valid() if load_dir.exists() else None
@@ -197,8 +197,10 @@ def run(config: Config, recipe=None, overrides=()) -> int:
     save_every = config.checkpoint.save_interval
     step = start_step
     exit_code = 0
+    finished = False
     try:
         while step < t.train_steps:
+            manager.poll()
             t0 = time.monotonic()
             lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
             batches = [next(loader) for _ in range(n_micro)]
@@ -245,7 +247,15 @@ def run(config: Config, recipe=None, overrides=()) -> int:
             if (save_every and step % save_every == 0) or step == t.train_steps:
                 manager.save(step, ddp, optimizer, scheduler, data_state=loader.state_dict(),
                              common={"config": config_to_dict(config)})
+        finished = True
     finally:
+        # Every rank reaches here together after a normal end, a stop request or TrainingAborted
+        # (agreed over ranks): publish the background save. After any other error, collectives
+        # could hang: kill the writer; the previous checkpoint stays `latest`.
+        if finished or isinstance(sys.exc_info()[1], TrainingAborted):
+            manager.wait()
+        else:
+            manager.abort()
         metrics.close()
     return exit_code
 

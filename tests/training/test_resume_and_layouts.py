@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megatron_internvl.training.checkpoint import verify_checkpoint
 from training.runner import step_records
 
 
@@ -29,23 +30,31 @@ def test_tp2_layout_and_exact_resume(trainer, reference, tmp_path):
     _close([tp2[s]["grad_norm"] for s in range(1, 7)], [reference[s]["grad_norm"] for s in range(1, 7)],
            "TP=2 grad norms")
 
-    # Same layout, interrupted after step 3 (exit code 42 = "requeue me") and resumed.
+    # Same layout, interrupted after step 3 (exit code 42 = "requeue me") and resumed. Saves are
+    # asynchronous, every step: background writers race the next optimizer steps.
     part = tmp_path / "tp2-resumed"
-    trainer(part, 2, "parallel.tensor_parallel=2", "training.exit_interval=3", expect_rc=42)
+    saving = ("checkpoint.async_save=true", "checkpoint.save_interval=1", "checkpoint.keep_last=10")
+    trainer(part, 2, "parallel.tensor_parallel=2", "training.exit_interval=3", *saving, expect_rc=42)
     assert sorted(step_records(part)) == [1, 2, 3]
-    out = trainer(part, 2, "parallel.tensor_parallel=2")
+    ckpts = part / "checkpoints"
+    assert (ckpts / "latest").read_text() == "iter_0000003", "the exit save must be published"
+    out = trainer(part, 2, "parallel.tensor_parallel=2", *saving)
     assert "resumed from" in out.stderr
     resumed = step_records(part)
     for s in (4, 5, 6):
         assert resumed[s]["loss"] == tp2[s]["loss"], f"step {s}: resume is not bitwise exact"
         assert resumed[s]["grad_norm"] == tp2[s]["grad_norm"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"iter_000000{i}" for i in range(1, 7)] + ["latest"]
+    assert all(verify_checkpoint(ckpts / f"iter_000000{i}") is None for i in range(1, 7))
 
-    # Resharded: the TP=2 checkpoint of step 3 continues at TP=1 on one process.
+    # Resharded: the TP=2 checkpoint of step 2 (written in the background while step 3 trained)
+    # continues at TP=1 on one process.
     single = tmp_path / "tp1-from-tp2"
-    trainer(single, 1, f"checkpoint.load={part / 'checkpoints' / 'iter_0000003'}")
+    trainer(single, 1, f"checkpoint.load={ckpts / 'iter_0000002'}")
     r = step_records(single)
-    assert sorted(r) == [4, 5, 6]
-    _close([r[s]["loss"] for s in (4, 5, 6)], [tp2[s]["loss"] for s in (4, 5, 6)], "TP=2 -> TP=1 resume")
+    assert sorted(r) == [3, 4, 5, 6]
+    _close([r[s]["loss"] for s in (3, 4, 5, 6)], [tp2[s]["loss"] for s in (3, 4, 5, 6)],
+           "TP=2 -> TP=1 resume")
 
 
 def test_pp2_and_dp2_layouts_and_pp_reshard(trainer, reference, tmp_path):
