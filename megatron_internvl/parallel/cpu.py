@@ -263,6 +263,7 @@ def _patch_factories() -> None:
 
 
 _TAG_FORWARD, _TAG_BACKWARD = 1, 2
+_TAG_FORWARD_SHAPE, _TAG_BACKWARD_SHAPE = 3, 4
 
 
 def _patch_pipeline_p2p() -> None:
@@ -272,7 +273,8 @@ def _patch_pipeline_p2p() -> None:
     two pipeline stages the previous and the next stage are the same process, so in the
     interleaved schedule an activation (to next) and a gradient (to previous) can be in flight to
     the same peer at once, both untagged, and get swapped. Activations travel with one tag,
-    gradients with another.
+    gradients with another. The shapes exchanged first for variable-length (packed) micro-batches
+    get tags of their own for the same reason.
     """
     from megatron.core.pipeline_parallel import p2p_communication as p2p
 
@@ -291,6 +293,33 @@ def _patch_pipeline_p2p() -> None:
         return dist.batch_isend_irecv(ops) if ops else []
 
     p2p._batched_p2p_ops = batched
+
+    def communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+        dist = torch.distributed
+        ops, received = [], {}
+
+        def shape_of(t):
+            return torch.tensor(t.size(), dtype=torch.int64)
+
+        if tensor_send_prev is not None:
+            ops.append(dist.P2POp(dist.isend, shape_of(tensor_send_prev), self.prev_rank, self.pp_group,
+                                  _TAG_BACKWARD_SHAPE))
+        if recv_prev:
+            received["prev"] = torch.empty(3, dtype=torch.int64)
+            ops.append(dist.P2POp(dist.irecv, received["prev"], self.prev_rank, self.pp_group,
+                                  _TAG_FORWARD_SHAPE))
+        if tensor_send_next is not None:
+            ops.append(dist.P2POp(dist.isend, shape_of(tensor_send_next), self.next_rank, self.pp_group,
+                                  _TAG_FORWARD_SHAPE))
+        if recv_next:
+            received["next"] = torch.empty(3, dtype=torch.int64)
+            ops.append(dist.P2POp(dist.irecv, received["next"], self.next_rank, self.pp_group,
+                                  _TAG_BACKWARD_SHAPE))
+        for req in dist.batch_isend_irecv(ops) if ops else []:
+            req.wait()
+        return tuple(received[k].tolist() if k in received else [0, 0, 0] for k in ("prev", "next"))
+
+    p2p.P2PCommunicator._communicate_shapes = communicate_shapes
 
 
 def cpu_mode_active() -> bool:

@@ -90,8 +90,12 @@ def build_optimizer(config: Config, chunks):
     )
     for chunk in ddp:
         cfg = chunk.config
-        # Packed micro-batches differ in length: pipeline stages exchange shapes first.
-        cfg.variable_seq_lengths = p.pipeline_parallel > 1
+        # Packed micro-batches differ in length: pipeline stages exchange shapes first. Not under
+        # the interleaved schedule: megatron's shape exchange is a blocking step inside each p2p
+        # call, and the interleaved schedule's staggered calls then wait on each other forever
+        # (seen with PP=2 x VPP=2). There every pack is padded to data.max_tokens instead
+        # (_pad_multiple); the packer fills packs to ~99.9%, so the padding costs little.
+        cfg.variable_seq_lengths = p.pipeline_parallel > 1 and len(ddp) == 1
         cfg.finalize_model_grads_func = finalize_model_grads
         cfg.grad_scale_func = optimizer.scale_loss
         cfg.no_sync_func = [c.no_sync for c in ddp] if len(ddp) > 1 else ddp[0].no_sync
@@ -127,6 +131,14 @@ def _pad_multiple(config: Config) -> int:
         need = math.lcm(need, 2 * p.context_parallel * p.tensor_parallel)
     if config.training.precision == "fp8":
         need = math.lcm(need, 16)
+    if (p.virtual_pipeline_parallel or 1) > 1:
+        # The interleaved schedule runs on fixed-length packs (see build_optimizer).
+        if config.data.max_tokens % need:
+            raise ConfigError(
+                f"interleaved pipeline parallelism pads every pack to data.max_tokens="
+                f"{config.data.max_tokens}, which must be a multiple of {need} (sequence/context "
+                f"parallel, FP8): set data.max_tokens={config.data.max_tokens // need * need}")
+        return config.data.max_tokens
     return math.lcm(need, config.data.pad_to_multiple)
 
 

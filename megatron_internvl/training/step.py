@@ -96,6 +96,10 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     seq_len = int(batches[0]["input_ids"].shape[1])
+    fixed = ps.get_pipeline_model_parallel_world_size() > 1 and not chunks[0].config.variable_seq_lengths
+    if fixed and any(int(b["input_ids"].shape[1]) != seq_len for b in batches):
+        raise RuntimeError("this pipeline schedule needs micro-batches of one length; the packs "
+                           f"have {sorted({int(b['input_ids'].shape[1]) for b in batches})}")
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data if len(chunks) == 1 else [iter(batches) for _ in chunks],

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,8 +53,18 @@ class Trainer:
         return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
     def __call__(self, run_dir, nproc=1, *overrides, expect_rc=0, recipe="full", timeout=300):
-        out = subprocess.run(self.command(run_dir, nproc, overrides, recipe), capture_output=True,
-                             text=True, timeout=timeout, env=self.env(), cwd=ROOT)
+        # Own process group: on a timeout the ranks torchrun started die with it (no CPU-eating
+        # orphans left for the rest of the suite).
+        proc = subprocess.Popen(self.command(run_dir, nproc, overrides, recipe), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=self.env(), cwd=ROOT,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"training did not finish in {timeout} s\n{stderr[-6000:]}") from None
+        out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         rc = out.returncode
         if nproc > 1 and rc == 1 and f"exitcode  : {expect_rc} " in out.stderr:
             rc = expect_rc  # torchrun reports a worker's non-zero exit as its own exit code 1

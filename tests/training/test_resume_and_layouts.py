@@ -77,3 +77,17 @@ def test_pp2_and_dp2_layouts_and_pp_reshard(trainer, reference, tmp_path):
     assert sorted(r) == [3, 4, 5, 6]
     _close([r[s]["loss"] for s in (3, 4, 5, 6)], [reference[s]["loss"] for s in (3, 4, 5, 6)],
            "PP=2 -> PP=1 resume")
+
+
+def test_interleaved_pipeline_layout(trainer, tmp_path):
+    """PP=2 x virtual PP=2 (interleaved 1F1B over 4 LLM layers) against one process."""
+    deeper = ("model.language.num_layers=4", "training.exit_interval=2")
+    one = tmp_path / "pp1"
+    trainer(one, 1, *deeper, expect_rc=42)
+    vpp = tmp_path / "pp2-vpp2"
+    trainer(vpp, 2, *deeper, "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=2",
+            expect_rc=42)
+    a, b = step_records(one), step_records(vpp)
+    assert sorted(a) == sorted(b) == [1, 2]
+    _close([b[s]["loss"] for s in (1, 2)], [a[s]["loss"] for s in (1, 2)], "PP=2 x VPP=2 losses")
+    _close([b[s]["grad_norm"] for s in (1, 2)], [a[s]["grad_norm"] for s in (1, 2)], "PP=2 x VPP=2 grad norms")
