@@ -89,6 +89,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def compute_device() -> torch.device:
+    """Where this rank computes and where its collectives' tensors must live (NCCL: the GPU)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def seed_everything(seed: int) -> None:
     """Seed every RNG of this rank. megatron's tracker adds the TP-rank offsets on top."""
     from megatron.core import tensor_parallel

@@ -234,7 +234,8 @@ def run(config: Config, recipe=None, overrides=()) -> int:
                 if loss_avg is not None and result.loss > t.loss_spike_factor * loss_avg:
                     metrics.event(step, loss_spike=result.loss, running_mean=loss_avg)
                 loss_avg = result.loss if loss_avg is None else 0.9 * loss_avg + 0.1 * result.loss
-            flops = torch.tensor([step_flops(config.model, result.shapes, trainable)], dtype=torch.float64)
+            flops = torch.tensor([step_flops(config.model, result.shapes, trainable)], dtype=torch.float64,
+                                 device=distributed.compute_device())
             torch.distributed.all_reduce(flops, group=ps.get_data_parallel_group(with_context_parallel=True))
             tflops_per_gpu = float(flops) / elapsed / world / 1e12
             if step % t.log_interval == 0 or step == t.train_steps:

@@ -36,7 +36,9 @@ class StopRequest:
     def should_stop(self) -> str | None:
         """Agreed across all ranks (any rank's request stops everyone at the same step)."""
         reason = self.local_reason()
-        flag = torch.tensor([1.0 if reason else 0.0])
+        from megatron_internvl.parallel.distributed import compute_device
+
+        flag = torch.tensor([1.0 if reason else 0.0], device=compute_device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() > 0:

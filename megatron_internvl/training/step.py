@@ -15,6 +15,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_internvl.parallel.distributed import compute_device
+
 from .flops import StepShapes
 from .loss import backward_scale, global_weight_sum, weighted_token_loss
 
@@ -50,8 +52,12 @@ def sample_lengths(batch) -> list[int]:
     return out
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _grads_finite(chunks) -> bool:
-    finite = torch.tensor([1.0])
+    finite = torch.tensor([1.0], device=compute_device())
     for chunk in chunks:
         for buffer in chunk.buffers + chunk.expert_parallel_buffers:
             if not torch.isfinite(buffer.grad_data).all():
@@ -64,7 +70,9 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
                inject_nan: bool = False) -> StepResult:
     """Forward/backward over this rank's micro-batches, then one optimizer step."""
     n_micro = len(batches)
-    local_w = torch.tensor(sum(float(b["loss_weights"].sum()) for b in batches))
+    device = compute_device()
+    batches = [to_device(b, device) for b in batches]
+    local_w = torch.tensor(sum(float(b["loss_weights"].sum()) for b in batches), device=device)
     total_w = float(global_weight_sum(local_w))
     scale = backward_scale(n_micro)
     data = iter(batches)
@@ -81,11 +89,11 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
             weighted = per_token.sum()
             if inject_nan:
                 weighted = weighted * float("nan")
-            by_ds = torch.zeros(num_datasets, dtype=torch.float64)
+            by_ds = torch.zeros(num_datasets, dtype=torch.float64, device=device)
             ds = b["token_dataset"][0]
             valid = ds >= 0
             by_ds.index_add_(0, ds[valid], per_token[0][valid].detach().double())
-            ds_w = torch.zeros(num_datasets, dtype=torch.float64)
+            ds_w = torch.zeros(num_datasets, dtype=torch.float64, device=device)
             ds_w.index_add_(0, ds[valid], b["loss_weights"][0][valid].double())
             return weighted / max(total_w, 1e-12) * scale, {
                 "loss": weighted.detach().double() / max(total_w, 1e-12), "ds": by_ds, "ds_w": ds_w}
@@ -111,7 +119,7 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
     )
 
     # Loss and per-dataset sums live on the last stage: reduce them to every rank.
-    stats = torch.zeros(1 + 2 * num_datasets, dtype=torch.float64)
+    stats = torch.zeros(1 + 2 * num_datasets, dtype=torch.float64, device=device)
     if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
         for o in outputs:
             stats[0] += o["loss"]
@@ -130,7 +138,8 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
         if finite:
             scheduler.step(increment=1)
     tokens = torch.tensor([sum(int(b["num_tokens"]) for b in batches),
-                           sum(int(b["pixel_values"].shape[0]) for b in batches)], dtype=torch.float64)
+                           sum(int(b["pixel_values"].shape[0]) for b in batches)], dtype=torch.float64,
+                          device=device)
     torch.distributed.all_reduce(tokens, group=ps.get_data_parallel_group(with_context_parallel=True))
     ds_loss = {}
     for i in range(num_datasets):
