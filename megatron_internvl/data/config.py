@@ -71,6 +71,15 @@ class DatasetSpec:
 
 
 @dataclass
+class SyntheticConfig:
+    """Random packs of a fixed shape instead of datasets (throughput runs; see data/synthetic.py)."""
+
+    enabled: bool = False
+    sample_tokens: int = 2048
+    tiles_per_sample: int = 6
+
+
+@dataclass
 class DataConfig:
     """Everything the multimodal data pipeline needs.
 
@@ -113,6 +122,8 @@ class DataConfig:
     v2pe: str = "off"
     v2pe_delta: float = 0.25
 
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
     seed: int = 1234
     num_workers: int = 2
     prefetch_factor: int = 4
@@ -122,8 +133,31 @@ class DataConfig:
     # Per dataset and reason, the first N skips each log a warning; later ones are summarised.
     skip_warnings: int = 20
 
+    def _validate_synthetic(self) -> None:
+        s = self.synthetic
+        for name in ("max_tokens", "max_tiles", "pad_to_multiple", "image_size", "num_image_token"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1.")
+        if s.tiles_per_sample < 0 or s.tiles_per_sample > self.max_tiles:
+            raise ValueError(f"data.synthetic.tiles_per_sample={s.tiles_per_sample} must be in "
+                             f"[0, data.max_tiles={self.max_tiles}].")
+        need = s.tiles_per_sample * self.num_image_token + 4
+        if not (need <= s.sample_tokens <= self.max_tokens):
+            raise ValueError(
+                f"data.synthetic.sample_tokens={s.sample_tokens} must hold the image "
+                f"({s.tiles_per_sample} tiles x {self.num_image_token} tokens) plus a few text tokens "
+                f"(>= {need}) and fit data.max_tokens={self.max_tokens}.")
+        if self.max_tokens % self.pad_to_multiple:
+            raise ValueError(f"data.max_tokens={self.max_tokens} is not a multiple of data.pad_to_multiple="
+                             f"{self.pad_to_multiple}.")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"data.loss_reduction={self.loss_reduction!r} is not one of {LOSS_REDUCTIONS}.")
+
     def validate(self) -> None:
         """Raise ValueError naming the field and the fix; call before building the loader."""
+        if self.synthetic.enabled:
+            self._validate_synthetic()
+            return
         if not self.datasets and not self.meta_path:
             raise ValueError("data.datasets is empty and data.meta_path is unset; give at least one source.")
         names = [d.name for d in self.datasets]

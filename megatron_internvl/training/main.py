@@ -146,7 +146,9 @@ def run(config: Config, recipe=None, overrides=()) -> int:
     from megatron.core import parallel_state as ps
 
     from megatron_internvl.data.dataset import build_data_loader, build_tokenizer
+    from megatron_internvl.data.synthetic import SyntheticPackLoader
     from megatron_internvl.parallel import distributed
+    from megatron_internvl.parallel.data import BroadcastLoader
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
@@ -162,8 +164,10 @@ def run(config: Config, recipe=None, overrides=()) -> int:
         save_config(config, run_dir / "config.yaml")
     dtype = _DTYPES[t.precision]
 
-    tokenizer = build_tokenizer(config.data)
-    check_data_matches_model(config, tokenizer)
+    synthetic = config.data.synthetic.enabled
+    tokenizer = None if synthetic else build_tokenizer(config.data)
+    if not synthetic:
+        check_data_matches_model(config, tokenizer)
     config.data.pad_to_multiple = _pad_multiple(config)
 
     chunks = build_chunks(config)
@@ -198,7 +202,17 @@ def run(config: Config, recipe=None, overrides=()) -> int:
             logger.info("resumed from %s at step %d%s", source, start_step, " (weights only)" if finetune else "")
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    loader = build_data_loader(config.data, tokenizer, dp_rank, dp, state=data_state)
+    # Read (decode, tile, pack) once per model replica; the other TP/PP ranks receive the packs.
+    def read():
+        if synthetic:
+            loader = SyntheticPackLoader(config.data, config.model.language.vocab_size,
+                                         config.model.image_token_id, dp_rank, dp)
+            if data_state is not None:
+                loader.load_state_dict(data_state)
+            return loader
+        return build_data_loader(config.data, tokenizer, dp_rank, dp, state=data_state)
+
+    loader = BroadcastLoader(read)
     n_micro = t.global_batch_size // (t.micro_batch_size * dp)
     num_datasets = len(loader.dataset_names)
     peak = device_peak_tflops(t.peak_tflops)

@@ -91,3 +91,17 @@ def test_interleaved_pipeline_layout(trainer, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2]
     _close([b[s]["loss"] for s in (1, 2)], [a[s]["loss"] for s in (1, 2)], "PP=2 x VPP=2 losses")
     _close([b[s]["grad_norm"] for s in (1, 2)], [a[s]["grad_norm"] for s in (1, 2)], "PP=2 x VPP=2 grad norms")
+
+
+def test_synthetic_packs_train_without_files(trainer, tmp_path):
+    """data.synthetic: no dataset or tokenizer is read; every step sees full packs of the set shape."""
+    run = tmp_path / "synthetic"
+    trainer(run, 1, "data.synthetic.enabled=true", "data.synthetic.sample_tokens=64",
+            "data.synthetic.tiles_per_sample=2", "data.meta_path=/nonexistent/meta.json",
+            "data.tokenizer_path=/nonexistent", "training.exit_interval=3", "training.peak_tflops=1.0",
+            expect_rc=42)
+    recs = step_records(run)
+    assert sorted(recs) == [1, 2, 3]
+    for r in recs.values():
+        assert r["tokens"] == 2 * 256 and r["tiles"] == 2 * 8  # 2 packs of 4 samples x 64 tokens
+        assert r["dataset_loss"].keys() == {"synthetic"} and r["mfu"] == r["tflops_per_gpu"]
