@@ -118,7 +118,9 @@ def build_chunk(model_cfg, parallel, precision: str):
     from megatron_internvl.models import factory
 
     pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-    return factory.build_internvl_model(model_cfg, parallel, precision, pre_process=pre, post_process=post)
+    # Every tensor is loaded right after: no initial weights to draw.
+    return factory.build_internvl_model(model_cfg, parallel, precision, pre_process=pre, post_process=post,
+                                        initialize=False)
 
 
 def sharded_state(model) -> dict:

@@ -22,7 +22,22 @@ from .vision import InternViT
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
-def language_transformer_config(model, parallel, precision: str = "fp32") -> TransformerConfig:
+def _leave_uninitialised(tensor: torch.Tensor) -> None:
+    pass
+
+
+def _init_methods(initialize: bool) -> dict:
+    """No drawing when a checkpoint will overwrite every weight. Not megatron's
+    ``perform_initialization=False``: that also skips tagging TP-split weights as such
+    (``tensor_model_parallel``), and the gradient norm then drops their shards on TP rank > 0
+    (found as a TP=2 resume that was no longer exact)."""
+    if initialize:
+        return {}
+    return {"init_method": _leave_uninitialised, "output_layer_init_method": _leave_uninitialised}
+
+
+def language_transformer_config(model, parallel, precision: str = "fp32",
+                                initialize: bool = True) -> TransformerConfig:
     lang = model.language
     dtype = _DTYPES[precision]
     te = use_transformer_engine(model.spec)
@@ -69,6 +84,7 @@ def language_transformer_config(model, parallel, precision: str = "fp32") -> Tra
         # Identical initial weights for every TP layout: the full matrix is drawn, then split.
         use_cpu_initialization=True,
         perform_initialization=True,
+        **_init_methods(initialize),
         bias_activation_fusion=te,
         bias_dropout_fusion=te,
         masked_softmax_fusion=False,
@@ -80,8 +96,8 @@ def language_transformer_config(model, parallel, precision: str = "fp32") -> Tra
 
 
 def build_language_model(model, parallel, precision="fp32", pre_process=True, post_process=True,
-                         vp_stage=None) -> LanguageModel:
-    config = language_transformer_config(model, parallel, precision)
+                         vp_stage=None, initialize: bool = True) -> LanguageModel:
+    config = language_transformer_config(model, parallel, precision, initialize)
     return LanguageModel(
         config,
         decoder_layer_spec(model.spec),
@@ -102,7 +118,8 @@ def model_padded_vocab_size(model, parallel) -> int:
                              getattr(lang, "make_vocab_size_divisible_by", 128))
 
 
-def vision_transformer_config(model, parallel, precision: str = "fp32") -> TransformerConfig:
+def vision_transformer_config(model, parallel, precision: str = "fp32",
+                              initialize: bool = True) -> TransformerConfig:
     vis = model.vision
     dtype = _DTYPES[precision]
     tp = parallel.tensor_parallel
@@ -142,6 +159,7 @@ def vision_transformer_config(model, parallel, precision: str = "fp32") -> Trans
         # fp8 stays off: a 448 tile is 1025 tokens, not a multiple of 16 (FP8 GEMM shapes).
         use_cpu_initialization=True,
         perform_initialization=True,
+        **_init_methods(initialize),
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -152,26 +170,30 @@ def vision_transformer_config(model, parallel, precision: str = "fp32") -> Trans
     )
 
 
-def build_vision_model(model, parallel, precision="fp32") -> InternViT:
-    config = vision_transformer_config(model, parallel, precision)
+def build_vision_model(model, parallel, precision="fp32", initialize: bool = True) -> InternViT:
+    config = vision_transformer_config(model, parallel, precision, initialize)
     return InternViT(config, vision_layer_spec(model.spec, model.vision),
                      model.vision.image_size, model.vision.patch_size)
 
 
 def build_internvl_model(model, parallel, precision="fp32", pre_process=True, post_process=True,
-                         vp_stage=None) -> InternVLModel:
-    """The model chunk of this pipeline stage (vision tower + projector on the first one)."""
+                         vp_stage=None, initialize: bool = True) -> InternVLModel:
+    """The model chunk of this pipeline stage (vision tower + projector on the first one).
+
+    ``initialize=False`` skips drawing the initial weights when every tensor is about to be
+    loaded: minutes per rank for the largest models."""
     model.validate()
     # Each independently placed piece in its own RNG scope: same weights in every layout.
     with init_rng_scope("language_model"):
-        language = build_language_model(model, parallel, precision, pre_process, post_process, vp_stage)
-    if post_process:
+        language = build_language_model(model, parallel, precision, pre_process, post_process, vp_stage,
+                                        initialize)
+    if post_process and initialize:
         redraw_column_parallel_weight(language.output_layer, "language_model.output_layer",
                                       language.config.init_method_std, rows=model.language.vocab_size)
     vision = projector = None
     if pre_process:
         with init_rng_scope("vision_model"):
-            vision = build_vision_model(model, parallel, precision)
+            vision = build_vision_model(model, parallel, precision, initialize)
         scale = round(1 / model.downsample_ratio)
         with init_rng_scope("projector"):
             projector = Projector(language.config, model.vision.hidden_size * scale * scale,

@@ -30,11 +30,13 @@ class TrainingAborted(RuntimeError):
     pass
 
 
-def build_chunks(config: Config):
-    """This rank's model chunks (one, or one per virtual stage), frozen per the stage."""
+def build_chunks(config: Config, initialize: bool = True):
+    """This rank's model chunks (one, or one per virtual stage) on the compute device.
+    ``initialize=False`` when a checkpoint will overwrite every weight."""
     from megatron.core import parallel_state as ps
 
     from megatron_internvl.models.factory import build_internvl_model
+    from megatron_internvl.parallel.distributed import compute_device
 
     vpp = config.parallel.virtual_pipeline_parallel or 1
     chunks = []
@@ -44,9 +46,21 @@ def build_chunks(config: Config):
             config.model, config.parallel, config.training.precision,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage,
-        ))
+            vp_stage=vp_stage, initialize=initialize,
+        ).to(compute_device()))
     return chunks
+
+
+def find_checkpoint(config: Config, save_dir: Path) -> Path | None:
+    """What this run starts from: the newest good checkpoint of checkpoint.load (or of the save
+    directory, to resume), or a single checkpoint directory such as the converter's output."""
+    load_dir = Path(config.checkpoint.load) if config.checkpoint.load else save_dir
+    source = ckpt.CheckpointManager(load_dir).latest_valid() if load_dir.exists() else None
+    if source is None and (load_dir / "metadata.json").is_file():
+        source = load_dir
+    if config.checkpoint.load and source is None:
+        raise ckpt.CheckpointError(f"checkpoint.load={load_dir}: no usable checkpoint there")
+    return source
 
 
 def build_optimizer(config: Config, chunks):
@@ -170,7 +184,8 @@ def run(config: Config, recipe=None, overrides=()) -> int:
         check_data_matches_model(config, tokenizer)
     config.data.pad_to_multiple = _pad_multiple(config)
 
-    chunks = build_chunks(config)
+    source = find_checkpoint(config, save_dir)
+    chunks = build_chunks(config, initialize=source is None)
     flags = apply_stage(chunks, t)
     trainable = trainable_components(flags)
     for prefixes, path in ((("language_model.",), config.checkpoint.init_language),
@@ -181,13 +196,7 @@ def run(config: Config, recipe=None, overrides=()) -> int:
     ddp, optimizer, scheduler = build_optimizer(config, chunks)
 
     manager = ckpt.CheckpointManager(save_dir, config.checkpoint.keep_last, config.checkpoint.async_save)
-    load_dir = Path(config.checkpoint.load) if config.checkpoint.load else save_dir
     start_step, data_state = 0, None
-    source = ckpt.CheckpointManager(load_dir).latest_valid() if load_dir.exists() else None
-    if config.checkpoint.load and source is None and not (load_dir / "metadata.json").is_file():
-        raise ckpt.CheckpointError(f"checkpoint.load={load_dir}: no usable checkpoint there")
-    if source is None and (load_dir / "metadata.json").is_file():
-        source = load_dir  # a single checkpoint directory (e.g. from the HF converter)
     if source is not None:
         # Weights only when asked, or when the checkpoint holds nothing else (converter output).
         finetune = config.checkpoint.finetune or not ckpt.is_training_checkpoint(source)
