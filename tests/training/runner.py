@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants. Not a process-group kill: torchrun starts each
+    rank in a session of its own."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -53,15 +70,13 @@ class Trainer:
         return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
     def __call__(self, run_dir, nproc=1, *overrides, expect_rc=0, recipe="full", timeout=300):
-        # Own process group: on a timeout the ranks torchrun started die with it (no CPU-eating
-        # orphans left for the rest of the suite).
+        # On a timeout every rank dies too (no CPU-eating orphans left for the rest of the suite).
         proc = subprocess.Popen(self.command(run_dir, nproc, overrides, recipe), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=self.env(), cwd=ROOT,
-                                start_new_session=True)
+                                stderr=subprocess.PIPE, text=True, env=self.env(), cwd=ROOT)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             stdout, stderr = proc.communicate()
             raise AssertionError(f"training did not finish in {timeout} s\n{stderr[-6000:]}") from None
         out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

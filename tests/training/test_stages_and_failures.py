@@ -8,7 +8,7 @@ import pytest
 
 from harness import run_ranks
 from megatron_internvl.training.checkpoint import verify_checkpoint
-from training.runner import read_metrics, step_records
+from training.runner import kill_tree, read_metrics, step_records
 from training.workers import stage_changes
 
 
@@ -102,3 +102,33 @@ def test_corrupt_latest_checkpoint_falls_back_and_model_mismatch_is_named(traine
     # A model that does not match the checkpoint: the error names the field.
     out = trainer(run, 1, "model.language.ffn_hidden_size=96", expect_rc=2)
     assert "model.language.ffn_hidden_size=128" in out.stderr and "=96" in out.stderr
+
+
+def test_killed_during_async_saves_loses_no_checkpoint(trainer, tmp_path):
+    """SIGKILL of every rank while background saves are in flight: whatever the moment, each
+    published checkpoint is complete, `latest` names one, and the run resumes from it."""
+    run = tmp_path / "kill"
+    cmd = trainer.command(run, 2, ["parallel.tensor_parallel=2", "training.train_steps=500",
+                                   "checkpoint.async_save=true", "checkpoint.save_interval=1",
+                                   "checkpoint.keep_last=2"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=trainer.env(), cwd=str(run.parent))
+    ckpts = run / "checkpoints"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(step_records(run)) < 4:
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.2)
+    kill_tree(proc.pid)  # torchrun, both ranks and their background checkpoint writers
+    proc.communicate(timeout=60)
+    published = sorted(p for p in ckpts.glob("iter_*") if not p.name.endswith(".tmp"))
+    print(f"[kill] published {[p.name for p in published]}, unfinished "
+          f"{[p.name for p in ckpts.glob('iter_*.tmp')]}")  # shown with -s
+    assert published, "at least one save must have been published before step 4 was logged"
+    assert all(verify_checkpoint(p) is None for p in published), published
+    latest = ckpts / (ckpts / "latest").read_text()
+    assert latest in published
+    out = trainer(run, 2, "parallel.tensor_parallel=2", "training.train_steps=500",
+                  "training.exit_interval=1", expect_rc=42)
+    step = int(latest.name.split("_")[1])
+    assert f"resumed from {latest} at step {step}" in out.stderr
