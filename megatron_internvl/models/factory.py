@@ -7,6 +7,8 @@ padded to a multiple of TP, BF16 even under FP8 -- see docs/model.md).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -16,9 +18,10 @@ from .init import init_rng_scope, redraw_column_parallel_weight
 from .language import LanguageModel
 from .padding import padded_num_heads, padded_vocab_size
 from .projector import Projector
-from .specs import decoder_layer_spec, use_transformer_engine, vision_layer_spec
+from .specs import decoder_layer_spec, describe_spec, use_transformer_engine, vision_layer_spec
 from .vision import InternViT
 
+logger = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
@@ -183,6 +186,7 @@ def build_internvl_model(model, parallel, precision="fp32", pre_process=True, po
     ``initialize=False`` skips drawing the initial weights when every tensor is about to be
     loaded: minutes per rank for the largest models."""
     model.validate()
+    logger.info("model.spec=%s: %s", model.spec, describe_spec(model.spec))
     # Each independently placed piece in its own RNG scope: same weights in every layout.
     with init_rng_scope("language_model"):
         language = build_language_model(model, parallel, precision, pre_process, post_process, vp_stage,

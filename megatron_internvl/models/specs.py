@@ -1,8 +1,10 @@
-"""Layer specs: Transformer Engine modules on GPUs, local megatron-core modules on CPU.
+"""Layer specs: Transformer Engine modules, or local megatron-core modules with PyTorch attention.
 
 Everything above the spec (models, training) is the same code on both. The choice is automatic
 (:func:`use_transformer_engine`): TE when CUDA and Transformer Engine are present, unless the
-config forces one.
+config forces one. The local spec runs on CPUs and on GPUs without TE: its attention
+(:mod:`.attention`) takes PyTorch's flash kernels on CUDA (``varlen_attn`` for packed LLM
+sequences, fused SDPA for the ViT's tiles).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -21,7 +23,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from .attention import CoreAttention
+from .attention import CoreAttention, PackedRotarySelfAttention, describe_backends
 from .norms import Norm
 from .vision import InternViTLayer, InternViTSelfAttention, ViTQKNorm
 
@@ -65,6 +67,17 @@ def use_transformer_engine(preference: str = "auto") -> bool:
     return available
 
 
+def describe_spec(preference: str = "auto") -> str:
+    """Which spec ``model.spec=preference`` builds here, and its attention kernels (for logs)."""
+    if use_transformer_engine(preference):
+        import transformer_engine
+
+        return f"te (Transformer Engine {getattr(transformer_engine, '__version__', '?')})"
+    why = "forced" if preference == "local" else (
+        "no Transformer Engine" if torch.cuda.is_available() else "no CUDA")
+    return f"local ({why}): {describe_backends()}"
+
+
 def local_decoder_layer_spec(attn_mask_type=AttnMaskType.causal) -> ModuleSpec:
     """Pre-norm transformer layer from local megatron-core linears and the project's attention."""
     return ModuleSpec(
@@ -72,7 +85,7 @@ def local_decoder_layer_spec(attn_mask_type=AttnMaskType.causal) -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=PackedRotarySelfAttention,
                 params={"attn_mask_type": attn_mask_type},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
@@ -136,7 +149,7 @@ def _vision_layer_params(vision) -> dict:
 
 
 def local_vision_layer_spec(vision) -> ModuleSpec:
-    """InternViT layer from local megatron-core linears and the project's attention (CPU)."""
+    """InternViT layer from local megatron-core linears and the project's attention."""
     qk_norm = ModuleSpec(module=ViTQKNorm, params={"real_heads": vision.num_heads})
     return ModuleSpec(
         module=InternViTLayer,
