@@ -1,0 +1,528 @@
+"""The GPU check: proves the local spec on a stock PyTorch GPU node and measures it against
+transformers on the same GPU, in one run. Started by ``bench/gpu/run.sh`` (see docs/performance.md).
+
+  bash bench/gpu/run.sh [OUT_DIR]               # GPU: under 8 minutes on one H200
+  bash bench/gpu/run.sh --cpu-smoke [OUT_DIR]   # the same steps on CPU, tiny shapes, no claims
+
+Steps (each in its own process; a failing step is recorded and the others still run):
+1. environment: GPU, versions, the spec ``model.spec=auto`` builds and its attention kernels;
+2. correctness: a tiny random transformers InternVL imported by the converter; its BF16 forward
+   as one packed THD micro-batch (varlen_attn / fused SDPA on CUDA) against transformers' fp32
+   forward on the CPU (relative L2 of the logits, limit 2e-2); 30 BF16 training steps of the
+   tiny recipe whose loss must fall;
+3. throughput: InternVL3-1B and -2B shapes (random weights, synthetic packs of 16384 tokens /
+   48 tiles) trained by this project's loop and by transformers' InternVLForConditionalGeneration
+   (SDPA, the same samples as one padded micro-batch, bf16 autocast, fp32 AdamW); tokens/s,
+   TFLOP/s per GPU and MFU from the project's FLOPs counter for both, peak memory, ratio;
+4. tests/gpu where their dependencies exist, the others listed as skipped by name.
+
+Everything lands in OUT_DIR: env.json, correctness.json, throughput.json, tests_gpu.log,
+check.log and the summary ``gpu_<gpu>_<date>.{md,json}`` (``cpu-smoke_<date>`` in smoke mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+FORWARD_LIMIT = 2e-2
+TRAIN_STEPS = 30
+TINY_RECIPE = ROOT / "examples" / "tiny" / "full.yaml"
+SHAPES = {  # name: (recipe, overrides)
+    "InternVL3-1B": (ROOT / "examples" / "bench" / "internvl3_1b_synthetic.yaml", []),
+    "InternVL3-2B": (HERE / "internvl3_2b_synthetic.yaml", []),
+}
+# One pack of 16384 tokens / 48 tiles per step; the LR warm-up shorter than the few steps run.
+ONE_PACK = ["training.global_batch_size=1", "data.max_tokens=16384", "data.max_tiles=48",
+            "optimizer.warmup_steps=1"]
+SMOKE_SHAPE = {"tiny": (TINY_RECIPE, ["data.synthetic.enabled=true", "data.synthetic.sample_tokens=64",
+                                      "data.synthetic.tiles_per_sample=2", "data.meta_path=null",
+                                      "training.global_batch_size=1", "optimizer.warmup_steps=1"])}
+# tests/gpu: the test functions that need a package the node may lack.
+GPU_TEST_NEEDS = {
+    "test_te_spec_bf16_matches_transformers_and_local_spec": "transformer_engine",
+    "test_tiny_training_learns_on_gpu": "transformer_engine",  # runs model.spec=te
+    "test_dali_gpu_decode_matches_pil": "nvidia.dali",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[gpu-check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _python_env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _worker(args: list[str], out_json: Path, logf, timeout: float, env=None) -> dict:
+    """Run ``check.py <args>`` in a fresh process; its result is the json it writes."""
+    cmd = [sys.executable, str(Path(__file__).resolve())] + args + ["--result", str(out_json)]
+    logf.write(f"\n$ {' '.join(cmd)}\n")
+    logf.flush()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env or _python_env(), stdout=logf, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0 or not out_json.exists():
+        return {"error": f"exit code {proc.returncode} (see check.log)"}
+    return json.loads(out_json.read_text())
+
+
+def _train(recipe: Path, overrides: list[str], steps: int, run_dir: Path, logf, timeout: float) -> list[dict]:
+    """This project's training loop (torchrun, one process); the per-step metric records."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--standalone",
+           "-m", "megatron_internvl.train", str(recipe), f"logging.run_dir={run_dir}",
+           f"training.train_steps={steps}", "logging.progress=false", "logging.tensorboard=false",
+           "checkpoint.save_interval=null", f"checkpoint.save={run_dir}/ckpt", "training.log_interval=1"]
+    cmd += overrides
+    logf.write(f"\n$ {' '.join(cmd)}\n")
+    logf.flush()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_python_env(), stdout=logf, stderr=subprocess.STDOUT,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training exited with {proc.returncode} (see check.log)")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+# --- 1. environment -------------------------------------------------------------------------------
+def environment() -> dict:
+    import torch
+    import transformers
+
+    from megatron_internvl.models import attention
+    from megatron_internvl.models.specs import describe_spec
+
+    def version(name):
+        try:
+            from importlib.metadata import version as v
+
+            return v(name)
+        except Exception:
+            return None
+
+    cuda = torch.cuda.is_available()
+    return {
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "triton": version("triton"), "transformers": transformers.__version__,
+        "megatron_core": version("megatron-core"),
+        "transformer_engine": version("transformer-engine") if _has("transformer_engine") else None,
+        "dali": _has("nvidia.dali"),
+        "spec_auto": describe_spec("auto"),
+        "varlen_attn": (attention.VARLEN_ATTN.describe() if isinstance(attention.VARLEN_ATTN, attention.VarlenAdapter)
+                        else f"unavailable: {attention.VARLEN_ATTN}"),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+# --- 2. correctness ---------------------------------------------------------------------------------
+def import_tiny(work: Path) -> dict:
+    """A tiny random transformers InternVL (tests/convert/models.py), imported by the converter
+    on the CPU (the GPU is hidden from this process)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from convert import models
+
+    from megatron_internvl.convert.importer import run_import
+
+    hf_dir, ckpt = work / "hf", work / "ckpt"
+    models.save_tiny(hf_dir, "qwen2", models.VIT_300M, seed=1)
+    run_import(hf_dir, ckpt, precision="fp32")  # the `convert import` command
+    return {"hf_dir": str(hf_dir), "ckpt": str(ckpt)}
+
+
+def _pack_rows(batch: dict, device) -> dict:
+    """The rows of a padded batch as one packed THD micro-batch (each row its own sample)."""
+    import torch
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    ids = batch["input_ids"]
+    rows, seq = ids.shape
+    cu = torch.arange(rows + 1, dtype=torch.int32) * seq
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device),
+                             max_seqlen_q=seq, max_seqlen_kv=seq)
+    pos = torch.arange(seq, dtype=torch.float32).repeat(rows)[None]
+    pix = batch.get("pixel_values")
+    return {"input_ids": ids.reshape(1, -1).to(device), "position_ids": pos.to(device),
+            "pixel_values": None if pix is None else pix.to(device), "packed_seq_params": params}
+
+
+def forward(work: Path) -> dict:
+    """BF16 packed forward of the imported checkpoint on the compute device vs transformers fp32 (CPU)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from convert import models
+    from transformers import InternVLForConditionalGeneration
+
+    from megatron_internvl.config import ParallelConfig
+    from megatron_internvl.convert.checkpoint import build_chunk, load_weights, read_model_config
+    from megatron_internvl.models import attention
+    from megatron_internvl.models.internvl import gather_logits
+    from megatron_internvl.parallel import distributed
+
+    batches = models.inputs()
+    hf = InternVLForConditionalGeneration.from_pretrained(work / "hf", dtype=torch.float32).eval()
+    ref = models.reference_logits(hf, batches)
+    del hf
+    model_cfg = read_model_config(work / "ckpt")
+    parallel = ParallelConfig()
+    distributed.initialize(parallel)
+    device = distributed.compute_device()
+    model = build_chunk(model_cfg, parallel, "bf16").to(device)
+    load_weights(model, work / "ckpt")
+    model.eval()
+    used = set()
+    select = attention.select_backend
+
+    def recording_select(*args, **kwargs):  # which kernels this forward really took
+        out = select(*args, **kwargs)
+        used.add(f"{'packed' if kwargs.get('packed', args[2] if len(args) > 2 else False) else 'padded'}:{out}")
+        return out
+
+    attention.select_backend = recording_select
+    out = {}
+    with torch.no_grad():
+        for name, b in batches.items():
+            p = _pack_rows(b, device)
+            logits = model(p["input_ids"], p["position_ids"], pixel_values=p["pixel_values"],
+                           packed_seq_params=p["packed_seq_params"])
+            full = gather_logits(logits, model_cfg.language.vocab_size)  # [T, 1, V]
+            full = full[:, 0].float().cpu().reshape(ref[name].shape)
+            out[name] = {"rel_l2": models.rel_l2(full, ref[name]), "finite": bool(torch.isfinite(full).all())}
+    attention.select_backend = select
+    return {"device": str(device), "dtype": "bf16", "batches": out, "backends_used": sorted(used),
+            "limit": FORWARD_LIMIT,
+            "ok": all(v["finite"] and v["rel_l2"] <= FORWARD_LIMIT for v in out.values())}
+
+
+def training(work: Path, logf, timeout: float) -> dict:
+    """30 BF16 steps of the tiny recipe on the tiny built-in dataset; the loss must fall."""
+    sys.path.insert(0, str(ROOT / "examples" / "tiny"))
+    from make_dataset import build
+
+    data = build(work / "tiny-data")
+    records = _train(TINY_RECIPE, [f"data.meta_path={data / 'meta.json'}", f"data.tokenizer_path={data / 'tokenizer.json'}",
+                                   "training.precision=bf16", "model.spec=auto"],
+                     TRAIN_STEPS, work / "tiny-run", logf, timeout)
+    losses = [r["loss"] for r in records]
+    first, last5 = losses[0], statistics.mean(losses[-5:])
+    finite = all(map(lambda x: x == x and abs(x) != float("inf"), losses))
+    return {"steps": len(losses), "losses": losses, "first": first, "last5_mean": last5,
+            "criterion": "finite and mean of the last 5 < first - 0.5",
+            "ok": finite and len(losses) == TRAIN_STEPS and last5 < first - 0.5}
+
+
+# --- 3. throughput --------------------------------------------------------------------------------
+def _median(records, key, warmup):
+    vals = [r[key] for r in records[warmup:] if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def ours(recipe: Path, overrides: list[str], steps: int, warmup: int, work: Path, logf, timeout) -> dict:
+    import torch
+
+    records = _train(recipe, overrides + ["training.precision=bf16", "model.spec=auto"], steps, work, logf, timeout)
+    step_s = _median(records, "step_time_s", warmup)
+    return {"steps": len(records), "warmup": warmup, "final_loss": records[-1]["loss"],
+            "tokens_per_step": records[-1]["tokens"], "tiles_per_step": records[-1]["tiles"],
+            "step_time_s": step_s, "tokens_per_s": _median(records, "tokens_per_s", warmup),
+            "tflops_per_gpu": _median(records, "tflops_per_gpu", warmup), "mfu": _median(records, "mfu", warmup),
+            "peak_memory_gb": _median(records, "peak_memory_gb", warmup) if torch.cuda.is_available() else None}
+
+
+def hf_train(recipe: Path, overrides: list[str], steps: int, warmup: int) -> dict:
+    """transformers' InternVL on the same packs as padded micro-batches, bf16 autocast, fp32 AdamW."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from megatron_internvl.config.loader import load_config
+    from megatron_internvl.convert.hf_config import export_config
+    from megatron_internvl.data.synthetic import SyntheticPackLoader
+    from megatron_internvl.training.flops import StepShapes, device_peak_tflops, step_flops
+    from megatron_internvl.training.step import sample_lengths
+
+    config = load_config(recipe, overrides, world_size=1, require_data=False)
+    model_cfg = config.model
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.training.seed)
+    hf_cfg = InternVLConfig(**export_config("transformers", model_cfg, None, tied=False, dtype="float32"))
+    with torch.device(device):
+        model = InternVLForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa",
+                                                               dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=config.optimizer.lr, weight_decay=config.optimizer.weight_decay,
+                            fused=device.type == "cuda")
+    loader = SyntheticPackLoader(config.data, model_cfg.language.vocab_size, model_cfg.image_token_id)
+    trainable = {"vision": True, "projector": True, "language": True}
+    peak = device_peak_tflops(config.training.peak_tflops)
+    records = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        pack = next(loader)
+        lengths = sample_lengths(pack)
+        longest = max(lengths)
+        ids = torch.zeros(len(lengths), longest, dtype=torch.long)
+        labels = torch.full((len(lengths), longest), -100, dtype=torch.long)
+        mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+        start = 0
+        for row, n in enumerate(lengths):  # right padding; the pack's labels are already shifted
+            ids[row, :n] = pack["input_ids"][0, start:start + n]
+            labels[row, :n] = pack["labels"][0, start:start + n]
+            mask[row, :n] = 1
+            start += n
+        pixels = pack["pixel_values"]
+        ids, labels, mask, pixels = (t.to(device, non_blocking=True) for t in (ids, labels, mask, pixels))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.clip_grad or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = float(loss)  # waits for the step
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        flops = step_flops(model_cfg, StepShapes(lengths, int(pixels.shape[0])), trainable)
+        tflops = flops / elapsed / 1e12
+        records.append({"loss": value, "step_time_s": elapsed, "tokens": sum(lengths), "tiles": int(pixels.shape[0]),
+                        "tokens_per_s": sum(lengths) / elapsed, "tflops_per_gpu": tflops,
+                        "mfu": tflops / peak if peak else None, "padded_tokens": int(ids.numel())})
+    return {"steps": len(records), "warmup": warmup, "final_loss": records[-1]["loss"],
+            "tokens_per_step": records[-1]["tokens"], "tiles_per_step": records[-1]["tiles"],
+            "padded_tokens_per_step": records[-1]["padded_tokens"],
+            "step_time_s": _median(records, "step_time_s", warmup),
+            "tokens_per_s": _median(records, "tokens_per_s", warmup),
+            "tflops_per_gpu": _median(records, "tflops_per_gpu", warmup), "mfu": _median(records, "mfu", warmup),
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+
+
+# --- 4. tests/gpu -------------------------------------------------------------------------------------
+def gpu_tests(out_dir: Path, timeout: float) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"ran": [], "skipped": {}, "note": "not collected: no CUDA device (tests/gpu/conftest.py)"}
+    logp = out_dir / "tests_gpu.log"
+    collect = subprocess.run([sys.executable, "-m", "pytest", "tests/gpu", "--collect-only", "-q"], cwd=ROOT,
+                             env=_python_env(), capture_output=True, text=True, timeout=300)
+    ids = [line.strip() for line in collect.stdout.splitlines() if "::" in line]
+    skipped, run = {}, []
+    for node in ids:
+        func = node.split("::")[-1].split("[")[0]
+        need = GPU_TEST_NEEDS.get(func)
+        if need and not _has(need):
+            skipped[node] = f"needs {need}, not installed"
+        else:
+            run.append(node)
+    result = {"ran": run, "skipped": skipped}
+    with open(logp, "w") as f:
+        f.write(collect.stdout + collect.stderr)
+        if not run:
+            result["note"] = "nothing left to run"
+            return result
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-s", "-rA"] + run, cwd=ROOT,
+                                  env=_python_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            result["exit_code"] = proc.returncode
+        except subprocess.TimeoutExpired:
+            result["exit_code"] = f"timed out after {timeout:.0f} s"
+    text = logp.read_text()
+    result["outcomes"] = dict(re.findall(r"^(PASSED|FAILED|ERROR|SKIPPED) (\S+)", text, re.M)[::-1]) if text else {}
+    return result
+
+
+# --- the whole check --------------------------------------------------------------------------------
+def _fmt(v, f):
+    return "-" if v is None else format(v, f)
+
+
+def summary_md(res: dict, smoke: bool) -> str:
+    env = res["env"]
+    title = "CPU smoke of the GPU check (no performance claims)" if smoke else f"GPU check on {env.get('gpu')}"
+    lines = [f"# {title}", "", f"Date (UTC): {env.get('date_utc')}. Command: `{res['command']}`. "
+             f"Total {res['wall_s']:.0f} s.", "",
+             f"torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}, transformers "
+             f"{env.get('transformers')}, megatron-core {env.get('megatron_core')}, Transformer Engine "
+             f"{env.get('transformer_engine') or 'absent'}, DALI {'present' if env.get('dali') else 'absent'}.",
+             f"Spec built by model.spec=auto: {env.get('spec_auto')}.", "", "## Correctness", ""]
+    fw = res.get("forward", {})
+    if "error" in fw:
+        lines.append(f"- forward: ERROR {fw['error']}")
+    else:
+        for name, v in fw.get("batches", {}).items():
+            lines.append(f"- BF16 packed forward ({fw['device']}) vs transformers fp32 CPU, `{name}` batch: "
+                         f"rel L2 {v['rel_l2']:.2e} (limit {FORWARD_LIMIT:g})")
+        lines.append(f"- attention kernels taken: {', '.join(fw.get('backends_used', []))}")
+    tr = res.get("training", {})
+    lines.append(f"- {TRAIN_STEPS} BF16 training steps (tiny recipe): ERROR {tr['error']}" if "error" in tr else
+                 f"- {tr['steps']} BF16 training steps (tiny recipe): loss {tr['first']:.3f} -> "
+                 f"{tr['last5_mean']:.3f} (mean of the last 5), {'OK' if tr['ok'] else 'NOT falling enough'}")
+    lines += ["", "## Throughput", "",
+              "| shape | trainer | tokens/s | TFLOP/s/GPU | MFU | step s | peak GiB | final loss | ours / transformers |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for shape, pair in res.get("throughput", {}).items():
+        for who in ("ours", "transformers"):
+            r = pair.get(who, {})
+            if "error" in r:
+                lines.append(f"| {shape} | {who} | ERROR: {r['error']} | | | | | | |")
+                continue
+            ratio = pair.get("ratio_tokens_per_s") if who == "ours" else None
+            lines.append(f"| {shape} | {who} | {_fmt(r.get('tokens_per_s'), '.0f')} | {_fmt(r.get('tflops_per_gpu'), '.3g')} | "
+                         f"{_fmt(r.get('mfu'), '.3f')} | {_fmt(r.get('step_time_s'), '.3f')} | "
+                         f"{_fmt(r.get('peak_memory_gb'), '.1f')} | {_fmt(r.get('final_loss'), '.3f')} | {_fmt(ratio, '.2f')} |")
+    lines += ["", "Tokens and tiles are the real ones of each step (padding not counted); FLOPs by "
+              "`megatron_internvl/training/flops.py` for both trainers; MFU against "
+              f"{res.get('peak_tflops') or '-'} TFLOP/s dense BF16; medians over the steps after the warm-up.",
+              "", "## tests/gpu", ""]
+    gt = res.get("gpu_tests", {})
+    if "error" in gt:
+        lines.append(f"- ERROR {gt['error']}")
+    for node in gt.get("ran", []):
+        lines.append(f"- {node}: {gt.get('outcomes', {}).get(node, 'see tests_gpu.log')}")
+    for node, why in gt.get("skipped", {}).items():
+        lines.append(f"- {node}: skipped ({why})")
+    if gt.get("note"):
+        lines.append(f"- {gt['note']}")
+    lines += ["", f"Overall: {'PASS' if res['ok'] else 'FAIL'}", ""]
+    return "\n".join(lines)
+
+
+def run_all(out_dir: Path, smoke: bool, steps: int, warmup: int, command: str) -> int:
+    import torch
+
+    from megatron_internvl.training.flops import device_peak_tflops
+
+    t_start = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not smoke and not torch.cuda.is_available():
+        log("no CUDA device: use --cpu-smoke on a CPU machine")
+        return 2
+    res = {"mode": "cpu-smoke" if smoke else "gpu", "command": command}
+    res["env"] = environment()
+    res["peak_tflops"] = device_peak_tflops()
+    (out_dir / "env.json").write_text(json.dumps(res["env"], indent=1) + "\n")
+    log(f"environment: {res['env']['gpu'] or 'CPU'}; {res['env']['spec_auto']}")
+    shapes = SMOKE_SHAPE if smoke else {k: (r, o + ONE_PACK) for k, (r, o) in SHAPES.items()}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp, open(out_dir / "check.log", "w") as logf:
+        work = Path(tmp)
+        cpu_env = dict(_python_env(), CUDA_VISIBLE_DEVICES="")
+        log("correctness: converter import of a tiny transformers InternVL")
+        imp = _worker(["import-tiny", "--work", str(work)], work / "import.json", logf, 300, env=cpu_env)
+        if "error" in imp:
+            res["forward"] = {"error": f"import: {imp['error']}"}
+        else:
+            log("correctness: BF16 packed forward vs transformers fp32")
+            res["forward"] = _worker(["forward", "--work", str(work)], work / "forward.json", logf, 300)
+        log(f"correctness: {TRAIN_STEPS} BF16 training steps")
+        try:
+            res["training"] = training(work, logf, 400)
+        except Exception as exc:
+            traceback.print_exc(file=logf)
+            res["training"] = {"error": f"{type(exc).__name__}: {exc}"}
+        (out_dir / "correctness.json").write_text(json.dumps(
+            {"forward": res["forward"], "training": res["training"]}, indent=1) + "\n")
+        res["throughput"] = {}
+        for shape, (recipe, overrides) in shapes.items():
+            pair = res["throughput"][shape] = {"recipe": str(Path(recipe).relative_to(ROOT)), "overrides": overrides}
+            log(f"throughput {shape}: this project ({steps} steps)")
+            try:
+                pair["ours"] = ours(Path(recipe), overrides, steps, warmup, work / f"ours-{shape}", logf, 420)
+            except Exception as exc:
+                traceback.print_exc(file=logf)
+                pair["ours"] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"throughput {shape}: transformers ({steps} steps)")
+            args = ["hf-train", "--recipe", str(recipe), "--steps", str(steps), "--warmup", str(warmup)]
+            args += [f"--override={o}" for o in overrides]
+            pair["transformers"] = _worker(args, work / f"hf-{shape}.json", logf, 420)
+            a, b = pair["ours"].get("tokens_per_s"), pair["transformers"].get("tokens_per_s")
+            pair["ratio_tokens_per_s"] = a / b if a and b else None
+        (out_dir / "throughput.json").write_text(json.dumps(res["throughput"], indent=1) + "\n")
+    log("tests/gpu")
+    try:
+        res["gpu_tests"] = gpu_tests(out_dir, 240)
+    except Exception as exc:
+        res["gpu_tests"] = {"error": f"{type(exc).__name__}: {exc}"}
+    fw, tr = res["forward"], res["training"]
+    throughput_ok = all("error" not in p.get(w, {"error": 1}) for p in res["throughput"].values()
+                        for w in ("ours", "transformers"))
+    res["ok"] = bool(fw.get("ok")) and bool(tr.get("ok")) and throughput_ok
+    res["wall_s"] = time.monotonic() - t_start
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", (res["env"]["gpu"] or "cpu").replace("NVIDIA ", "")).strip("-")
+    stem = (f"cpu-smoke_{time.strftime('%Y-%m-%d')}" if smoke else f"gpu_{gpu}_{time.strftime('%Y-%m-%d')}")
+    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    text = summary_md(res, smoke)
+    (out_dir / f"{stem}.md").write_text(text)
+    print(text)
+    log(f"done in {res['wall_s']:.0f} s: {out_dir / stem}.{{md,json}}")
+    return 0 if res["ok"] else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="the whole check")
+    r.add_argument("--out", required=True)
+    r.add_argument("--cpu-smoke", action="store_true")
+    r.add_argument("--steps", type=int, default=None, help="throughput steps per trainer (GPU 15, smoke 4)")
+    r.add_argument("--warmup", type=int, default=None, help="steps left out of the medians (GPU 5, smoke 1)")
+    r.add_argument("--command", default="bash bench/gpu/run.sh")
+    for name in ("import-tiny", "forward"):
+        w = sub.add_parser(name)
+        w.add_argument("--work", required=True)
+        w.add_argument("--result", required=True)
+    h = sub.add_parser("hf-train")
+    h.add_argument("--recipe", required=True)
+    h.add_argument("--override", action="append", default=[])
+    h.add_argument("--steps", type=int, required=True)
+    h.add_argument("--warmup", type=int, required=True)
+    h.add_argument("--result", required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        steps = args.steps or (4 if args.cpu_smoke else 15)
+        warmup = args.warmup if args.warmup is not None else (1 if args.cpu_smoke else 5)
+        return run_all(Path(args.out), args.cpu_smoke, steps, warmup, args.command)
+    if args.cmd == "import-tiny":
+        result = import_tiny(Path(args.work))
+    elif args.cmd == "forward":
+        result = forward(Path(args.work))
+    else:
+        result = hf_train(Path(args.recipe), args.override, args.steps, args.warmup)
+    Path(args.result).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
