@@ -6,8 +6,8 @@
 #                                                # bench/results/gpu-check
 #   bash bench/gpu/run.sh --cpu-smoke [OUT_DIR]  # the same steps on CPU with tiny shapes (CI)
 #
-# Wheels the node lacks (bench/gpu/wheels.sh, run where the package index is reachable) are
-# installed from bench/gpu/wheels/ without network. PYTHON picks the interpreter (default: python,
+# Where megatron-core is not importable, the wheels the node lacks (bench/gpu/wheels.sh, run
+# where the package index is reachable) are installed from bench/gpu/wheels/ without network. PYTHON picks the interpreter (default: python,
 # else python3).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,7 +27,7 @@ mkdir -p "$out"
 py="${PYTHON:-$(command -v python || command -v python3)}"
 
 wheels=bench/gpu/wheels
-if compgen -G "$wheels/*.whl" >/dev/null; then
+if ! "$py" -c "import megatron.core" 2>/dev/null && compgen -G "$wheels/*.whl" >/dev/null; then
   site="${TMPDIR:-/tmp}/megatron-internvl-site"
   echo "[gpu-check] installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $site"
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
