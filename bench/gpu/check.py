@@ -16,8 +16,10 @@ Steps (each in its own process; a failing step is recorded and the others still 
    TFLOP/s per GPU and MFU from the project's FLOPs counter for both, peak memory, ratio;
 4. tests/gpu where their dependencies exist, the others listed as skipped by name.
 
-Everything lands in OUT_DIR: env.json, correctness.json, throughput.json, tests_gpu.log,
-check.log and the summary ``gpu_<gpu>_<date>.{md,json}`` (``cpu-smoke_<date>`` in smoke mode).
+5. profile of the largest shape (forward + backward of one pack, torch.profiler) while time allows.
+
+Everything lands in OUT_DIR: env.json, correctness.json, throughput.json, profile.txt,
+tests_gpu.log, check.log and the summary ``gpu_<gpu>_<date>.{md,json}`` (``cpu-smoke_<date>`` in smoke mode).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 FORWARD_LIMIT = 2e-2
 TRAIN_STEPS = 30
+PROFILE_IF_BEFORE_S = 360  # the profile starts only if the check is this young (8-minute budget)
 TINY_RECIPE = ROOT / "examples" / "tiny" / "full.yaml"
 SHAPES = {  # name: (recipe, overrides)
     "InternVL3-1B": (ROOT / "examples" / "bench" / "internvl3_1b_synthetic.yaml", []),
@@ -329,6 +332,50 @@ def hf_train(recipe: Path, overrides: list[str], steps: int, warmup: int) -> dic
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
+def profile(recipe: Path, overrides: list[str], table_path: Path, iters: int = 2) -> dict:
+    """torch.profiler over forward + backward of one pack (optimizer excluded): the kernel
+    table, and how often the host waited for the device (``aten::_local_scalar_dense`` is every
+    ``.item()`` / ``int(tensor)``; per-layer read-backs would show here as a multiple of the layers)."""
+    import torch
+    from megatron.core import tensor_parallel
+    from torch.profiler import ProfilerActivity
+
+    from megatron_internvl.config.loader import load_config
+    from megatron_internvl.data.synthetic import SyntheticPackLoader
+    from megatron_internvl.models.factory import build_internvl_model
+    from megatron_internvl.parallel import distributed
+    from megatron_internvl.training.step import packed_seq_params, to_device
+
+    config = load_config(recipe, overrides, world_size=1, require_data=False)
+    distributed.initialize(config.parallel)
+    device = distributed.compute_device()
+    model = build_internvl_model(config.model, config.parallel, "bf16").to(device).train()
+    loader = SyntheticPackLoader(config.data, config.model.language.vocab_size, config.model.image_token_id)
+    b = to_device(next(loader), device)
+
+    def step():
+        params = packed_seq_params(b)
+        logits = model(b["input_ids"], b["position_ids"], pixel_values=b["pixel_values"].to(torch.bfloat16),
+                       packed_seq_params=params)
+        labels = b["labels"].t().contiguous().clamp(min=0)
+        tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean().backward()
+
+    step()  # warm-up: kernels chosen, memory pools filled
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(iters):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table_path.write_text(averages.table(sort_by=sort, row_limit=40))
+    reads = sum(e.count for e in averages if e.key == "aten::_local_scalar_dense") / iters
+    return {"device": str(device), "iterations": iters, "host_reads_per_step": reads,
+            "llm_layers": config.model.language.num_layers, "vit_layers": config.model.vision.num_layers,
+            "table": table_path.name}
+
+
 # --- 4. tests/gpu -------------------------------------------------------------------------------------
 def gpu_tests(out_dir: Path, timeout: float) -> dict:
     import torch
@@ -406,7 +453,15 @@ def summary_md(res: dict, smoke: bool) -> str:
     lines += ["", "Tokens and tiles are the real ones of each step (padding not counted); FLOPs by "
               "`megatron_internvl/training/flops.py` for both trainers; MFU against "
               f"{res.get('peak_tflops') or '-'} TFLOP/s dense BF16; medians over the steps after the warm-up.",
-              "", "## tests/gpu", ""]
+              "", "## Profile", ""]
+    pr = res.get("profile", {})
+    if "error" in pr or "skipped" in pr:
+        lines.append(f"- {pr.get('error') or pr.get('skipped')}")
+    elif pr:
+        lines.append(f"- {pr['shape']}, forward + backward of one pack on {pr['device']}: "
+                     f"{pr['host_reads_per_step']:g} host read-backs per step "
+                     f"({pr['llm_layers']} LLM layers, {pr['vit_layers']} ViT layers); kernel table in profile.txt")
+    lines += ["", "## tests/gpu", ""]
     gt = res.get("gpu_tests", {})
     if "error" in gt:
         lines.append(f"- ERROR {gt['error']}")
@@ -470,6 +525,15 @@ def run_all(out_dir: Path, smoke: bool, steps: int, warmup: int, command: str) -
             a, b = pair["ours"].get("tokens_per_s"), pair["transformers"].get("tokens_per_s")
             pair["ratio_tokens_per_s"] = a / b if a and b else None
         (out_dir / "throughput.json").write_text(json.dumps(res["throughput"], indent=1) + "\n")
+        # The largest shape, profiled while the 8-minute budget allows.
+        shape, (recipe, overrides) = list(shapes.items())[-1]
+        if time.monotonic() - t_start < PROFILE_IF_BEFORE_S or smoke:
+            log(f"profile {shape}: forward + backward of one pack")
+            args = ["profile", "--recipe", str(recipe), "--table", str(out_dir / "profile.txt")]
+            args += [f"--override={o}" for o in overrides]
+            res["profile"] = dict(_worker(args, work / "profile.json", logf, 240), shape=shape)
+        else:
+            res["profile"] = {"skipped": f"over {PROFILE_IF_BEFORE_S} s already spent"}
     log("tests/gpu")
     try:
         res["gpu_tests"] = gpu_tests(out_dir, 240)
@@ -503,6 +567,11 @@ def main(argv=None) -> int:
         w = sub.add_parser(name)
         w.add_argument("--work", required=True)
         w.add_argument("--result", required=True)
+    p = sub.add_parser("profile")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--override", action="append", default=[])
+    p.add_argument("--table", required=True)
+    p.add_argument("--result", required=True)
     h = sub.add_parser("hf-train")
     h.add_argument("--recipe", required=True)
     h.add_argument("--override", action="append", default=[])
@@ -518,6 +587,8 @@ def main(argv=None) -> int:
         result = import_tiny(Path(args.work))
     elif args.cmd == "forward":
         result = forward(Path(args.work))
+    elif args.cmd == "profile":
+        result = profile(Path(args.recipe), args.override, Path(args.table))
     else:
         result = hf_train(Path(args.recipe), args.override, args.steps, args.warmup)
     Path(args.result).write_text(json.dumps(result, indent=1) + "\n")

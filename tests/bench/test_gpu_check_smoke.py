@@ -42,3 +42,5 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert ours["tiles_per_step"] == theirs["tiles_per_step"] > 0
     assert ours["tokens_per_s"] > 0 and theirs["tokens_per_s"] > 0 and pair["ratio_tokens_per_s"] > 0
     assert "| tiny | ours |" in summary.with_suffix(".md").read_text()
+    profile = res["profile"]
+    assert profile["host_reads_per_step"] >= 0 and (out / "profile.txt").read_text().count("aten::") > 5
