@@ -1,4 +1,4 @@
-"""`megatron-internvl` command line: train, convert, plan, inspect-data."""
+"""`megatron-internvl` command line: train, convert, plan, inspect-data, filter-data, filter-apply."""
 
 from __future__ import annotations
 
@@ -58,6 +58,18 @@ def _inspect_data(rest) -> int:
     return 0
 
 
+def _filter_data(rest) -> int:
+    from megatron_internvl.data.quality.cli import filter_main
+
+    return filter_main(rest)
+
+
+def _filter_apply(rest) -> int:
+    from megatron_internvl.data.quality.cli import apply_main
+
+    return apply_main(rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-internvl",
@@ -86,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("inspect-data", help="statistics of a data mixture (see `inspect-data --help`)",
                    add_help=False)
+    sub.add_parser("filter-data", help="flag anomalous samples of a mixture for review (see `filter-data --help`)",
+                   add_help=False)
+    sub.add_parser("filter-apply", help="apply a reviewed filter-data run, write a new meta JSON",
+                   add_help=False)
     return parser
 
 
@@ -96,6 +112,10 @@ def main(argv=None) -> int:
         return _convert(argv[1:])
     if argv and argv[0] == "inspect-data":
         return _inspect_data(argv[1:])
+    if argv and argv[0] == "filter-data":
+        return _filter_data(argv[1:])
+    if argv and argv[0] == "filter-apply":
+        return _filter_apply(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
