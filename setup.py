@@ -7,7 +7,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_internvl", "megatron_internvl.*"]),
+    # kernels/ (fused kernels beside their plain-torch references) installs as
+    # megatron_internvl.kernels.
+    packages=find_packages(include=["megatron_internvl", "megatron_internvl.*"])
+    + ["megatron_internvl.kernels"]
+    + ["megatron_internvl.kernels." + p for p in find_packages("kernels")],
+    package_dir={"megatron_internvl.kernels": "kernels"},
     include_package_data=True,
     package_data={"megatron_internvl": ["recipes/**/*.yaml"]},
     install_requires=[

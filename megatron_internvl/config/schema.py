@@ -64,6 +64,9 @@ class ModelConfig:
     image_token_id: int = 151667
     spec: str = "auto"  # auto | te | local: Transformer Engine modules or local megatron-core ones
     recompute: str = "none"  # none | full | selective (activation recomputation)
+    # Output layer + cross-entropy chunk by chunk, never holding the [tokens, vocab/TP] logits
+    # (megatron_internvl.kernels.fused_linear_ce); false: megatron's vocab-parallel CE on logits.
+    fused_loss: bool = True
 
     def validate(self) -> None:
         if self.vision.norm not in ("layernorm", "rmsnorm"):

@@ -156,12 +156,14 @@ class InternVLModel(MegatronModule):
         pixel_values: torch.Tensor | None = None,
         packed_seq_params=None,
         attention_mask=None,
+        output_hidden: bool = False,
     ) -> torch.Tensor:
         """Vocab-parallel logits [S, B, padded_vocab/TP] on the last stage (padding at -inf),
         hidden states [S(/TP with SP), B, H] elsewhere.
 
         input_ids [B, S]; position_ids [B, S] float (V2PE allowed); pixel_values [tiles, 3, H, W]
         (first stage only; None or 0 tiles for text); packed_seq_params: THD with cu_seqlens.
+        ``output_hidden``: the last stage returns final-norm hidden states, not logits.
         """
         decoder_input = None
         if self.pre_process:
@@ -169,6 +171,7 @@ class InternVLModel(MegatronModule):
         return self.language_model(
             input_ids, position_ids, decoder_input=decoder_input,
             packed_seq_params=packed_seq_params, attention_mask=attention_mask,
+            output_hidden=output_hidden,
         )
 
 

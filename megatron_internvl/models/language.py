@@ -120,8 +120,13 @@ class LanguageModel(MegatronModule):
         decoder_input: torch.Tensor | None = None,
         packed_seq_params=None,
         attention_mask=None,
+        output_hidden: bool = False,
     ) -> torch.Tensor:
-        """Returns vocab-parallel logits [S, B, V/TP] on the last stage, hidden states elsewhere."""
+        """Returns vocab-parallel logits [S, B, V/TP] on the last stage, hidden states elsewhere.
+
+        ``output_hidden=True``: the last stage returns the final-norm hidden states [S(/TP), B, H]
+        instead, for a loss that applies ``output_layer.weight`` itself without holding the
+        logits (``training.loss.fused_weighted_token_loss``)."""
         if self.pre_process:
             if decoder_input is None:
                 decoder_input = self.embed(input_ids)
@@ -136,7 +141,7 @@ class LanguageModel(MegatronModule):
             rotary_pos_emb=rotary,
             packed_seq_params=packed_seq_params,
         )
-        if not self.post_process:
+        if not self.post_process or output_hidden:
             return hidden
         logits, _ = self.output_layer(hidden)
         real = self._padding_start() if self.padded_vocab_size > self.vocab_size else None

@@ -90,7 +90,7 @@ logger = logging.getLogger(__name__)
 LATEST = "latest"
 COMPLETE = "complete.json"
 # Model fields that may change between a checkpoint and a resume (they do not change weights).
-_RESUMABLE_MODEL_FIELDS = {"spec", "recompute", "vision.drop_path_rate"}
+_RESUMABLE_MODEL_FIELDS = {"spec", "recompute", "fused_loss", "vision.drop_path_rate"}
 
 
 # Canonical per-parameter optimizer state: resumable under another TP, PP or DP size.

@@ -240,7 +240,8 @@ def run(config: Config, recipe=None, overrides=()) -> int:
             lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
             batches = [next(loader) for _ in range(n_micro)]
             result = train_step(ddp, optimizer, scheduler, batches, dtype=dtype,
-                                num_datasets=num_datasets, inject_nan=(step + 1) in t.inject_nan_steps)
+                                num_datasets=num_datasets, inject_nan=(step + 1) in t.inject_nan_steps,
+                                fused_loss=config.model.fused_loss)
             step += 1
             elapsed = time.monotonic() - t0
             if not result.updated:

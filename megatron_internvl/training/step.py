@@ -14,11 +14,12 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_internvl.parallel.distributed import compute_device
 
 from .flops import StepShapes
-from .loss import backward_scale, global_weight_sum, weighted_token_loss
+from .loss import backward_scale, fused_weighted_token_loss, global_weight_sum, weighted_token_loss
 
 
 @dataclass
@@ -67,8 +68,11 @@ def _grads_finite(chunks) -> bool:
 
 
 def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: int,
-               inject_nan: bool = False) -> StepResult:
-    """Forward/backward over this rank's micro-batches, then one optimizer step."""
+               inject_nan: bool = False, fused_loss: bool = False) -> StepResult:
+    """Forward/backward over this rank's micro-batches, then one optimizer step.
+
+    ``fused_loss``: the last stage hands its hidden states to the fused output-layer loss
+    instead of materialising the logits (same loss, see :mod:`.loss`)."""
     n_micro = len(batches)
     device = compute_device()
     batches = [to_device(b, device) for b in batches]
@@ -82,11 +86,16 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
         pixels = b["pixel_values"]
         pixels = pixels.to(dtype) if pixels.numel() else pixels
         out = model(b["input_ids"], b["position_ids"], pixel_values=pixels,
-                    packed_seq_params=packed_seq_params(b))
+                    packed_seq_params=packed_seq_params(b), output_hidden=fused_loss)
 
-        def loss_func(logits):
-            per_token = weighted_token_loss(logits, b["labels"], b["loss_weights"])
-            weighted = per_token.sum()
+        def loss_func(output):
+            if fused_loss:
+                language_model = get_attr_wrapped_model(model, "language_model")
+                weighted, per_token = fused_weighted_token_loss(
+                    language_model, output, b["labels"], b["loss_weights"])
+            else:
+                per_token = weighted_token_loss(output, b["labels"], b["loss_weights"])
+                weighted = per_token.sum()
             if inject_nan:
                 weighted = weighted * float("nan")
             by_ds = torch.zeros(num_datasets, dtype=torch.float64, device=device)
