@@ -96,9 +96,8 @@ def _worker(args: list[str], out_json: Path, logf, timeout: float, env=None) -> 
 
 
 def _train(recipe: Path, overrides: list[str], steps: int, run_dir: Path, logf, timeout: float) -> list[dict]:
-    """This project's training loop (torchrun, one process); the per-step metric records."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--standalone",
-           "-m", "megatron_internvl.train", str(recipe), f"logging.run_dir={run_dir}",
+    """This project's training loop (one process, as `megatron-internvl train`); its step records."""
+    cmd = [sys.executable, "-m", "megatron_internvl.train", str(recipe), f"logging.run_dir={run_dir}",
            f"training.train_steps={steps}", "logging.progress=false", "logging.tensorboard=false",
            "checkpoint.save_interval=null", f"checkpoint.save={run_dir}/ckpt", "training.log_interval=1"]
     cmd += overrides
