@@ -32,22 +32,25 @@ def _check_tile_range(min_tiles: int, max_tiles: int) -> None:
 
 @lru_cache(maxsize=256)
 def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
-    """All ``(cols, rows)`` with ``min_tiles <= cols*rows <= max_tiles``, smallest area first.
+    """All ``(cols, rows)`` with ``min_tiles <= cols*rows <= max_tiles``, in InternVL's order.
 
-    The order decides exact ties in :func:`choose_grid`, so it is fixed completely: by area,
-    then by ascending ``cols``. (InternVL orders a Python set by area, which leaves the order
-    inside one area to hashing; with ``min_tiles == 1`` no tie is ever decided inside one area,
-    checked exhaustively for ``max_tiles`` up to 48, so the two agree there.)
+    InternVL builds a Python set of the grids (looping over the tile count ``n``, then ``cols``,
+    then ``rows``) and sorts it by area; the sort is stable, so inside one area the order is the
+    set's iteration order. That order is reproducible: small-int tuples hash the same in every
+    process (``PYTHONHASHSEED`` only affects str and bytes), so the same insertions give the
+    same set. The set is built here the same way so that ties inside one area, which only
+    occur with ``min_tiles > 1``, go the same way as in InternVL.
     """
     min_tiles, max_tiles = _as_int("min_tiles", min_tiles), _as_int("max_tiles", max_tiles)
     _check_tile_range(min_tiles, max_tiles)
-    grids = [
+    grids = set(
         (cols, rows)
-        for cols in range(1, max_tiles + 1)
-        for rows in range(1, max_tiles // cols + 1)
-        if cols * rows >= min_tiles
-    ]
-    return tuple(sorted(grids, key=lambda g: (g[0] * g[1], g[0])))
+        for n in range(min_tiles, max_tiles + 1)
+        for cols in range(1, n + 1)
+        for rows in range(1, n + 1)
+        if min_tiles <= cols * rows <= max_tiles
+    )
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
 
 
 def choose_grid(
@@ -59,36 +62,34 @@ def choose_grid(
 ) -> tuple[int, int]:
     """Return ``(cols, rows)`` for an image of ``width x height`` pixels.
 
-    The grid whose ``cols/rows`` is closest to ``width/height`` wins. When two grids are
-    exactly as close, the later (larger) one replaces the earlier only if the image has more
-    than half the pixels of that grid (``W*H > 0.5 * image_size**2 * cols*rows``): a small image
-    is not blown up to many tiles just because a big grid has the same shape.
+    The grid whose ``cols/rows`` is closest to ``width/height`` wins. When two grids are as
+    close, the later (larger) one replaces the earlier only if the image has more than half the
+    pixels of that grid (``W*H > 0.5 * image_size**2 * cols*rows``): a small image is not blown
+    up to many tiles just because a big grid has the same shape.
 
-    Distances are compared exactly in integers (``|W*r - H*c| / (H*r)`` cross-multiplied).
-    InternVL's reference compares floats, so at an exact midpoint between two grid ratios a
-    one-ulp rounding picks a side instead of applying the area rule; this happens for about
-    1 in 13,000 random sizes (e.g. 56x48 with max 12: floats give 4x3, 13 tiles for a tiny
-    image; exact arithmetic gives 1x1).
+    "Closest" and "as close" are decided in floating point with InternVL's own operations, in
+    its order (``abs(W/H - cols/rows)``, strict ``<`` to take a new best, ``==`` for the area
+    rule): the models were trained and are served (InternVL's chat code, transformers, LMDeploy,
+    vLLM) with that arithmetic. Where ``W/H`` lies exactly between two grid ratios, rounding can
+    make one side a hair closer, and then the area rule is not applied; e.g. 56x48 with up to 12
+    tiles gets 4x3 (13 tiles with the thumbnail), as in InternVL, where exact arithmetic would
+    apply the area rule and give 1x1.
     """
     width, height = _as_int("width", width), _as_int("height", height)
     image_size = _as_int("image_size", image_size)
     for name, value in (("width", width), ("height", height), ("image_size", image_size)):
         if value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
-    best: tuple[int, int] | None = None
+    aspect_ratio = width / height
+    area = width * height
+    best_diff = float("inf")
+    best = (1, 1)
     for cols, rows in candidate_grids(min_tiles, max_tiles):
-        if best is None:
+        diff = abs(aspect_ratio - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
             best = (cols, rows)
-            continue
-        best_cols, best_rows = best
-        # |W/H - c/r| < |W/H - bc/br|  <=>  |W*r - H*c| * br < |W*br - H*bc| * r   (H, r > 0)
-        new = abs(width * rows - height * cols) * best_rows
-        old = abs(width * best_rows - height * best_cols) * rows
-        if new < old:
-            best = (cols, rows)
-        elif new == old and 2 * width * height > image_size * image_size * cols * rows:
-            best = (cols, rows)
-    assert best is not None  # candidate_grids is never empty once the range is valid
     return best
 
 
