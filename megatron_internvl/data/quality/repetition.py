@@ -3,7 +3,8 @@
 Four measures, each a rule with a threshold (settings.RepetitionRules):
 
 * `ngram`: share of word n-gram positions whose n-gram already occurred earlier in the
-  answer (about (k-1)/k for a span written k times). Punctuation and markup tokens are left
+  answer (about (k-1)/k for a span written k times), or share of the words covered by the
+  most frequent n-gram alone (a short phrase repeated with one word changed each time). Punctuation and markup tokens are left
   out of the n-grams, so table pipes, list markers and brackets never make n-grams alike;
   numbers stay in, so "Step 1 ..., Step 2 ..." and enumerations differ.
 * `sentences`: sentences and lines (split on line breaks and sentence ends) repeated within
@@ -23,8 +24,6 @@ import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
-
 from .settings import RepetitionRules
 
 # CJK ideographs, kana and hangul count one token per character (no spaces between words)
@@ -104,13 +103,15 @@ def check_text(text: str, rules: RepetitionRules, where: str = "") -> list[Findi
     if r.ngram.enabled or r.loop.enabled:
         toks = tokens(text)
     if r.ngram.enabled:
-        ws = [t.lower() for t in toks if _WORD_RE.fullmatch(t)]
+        ws = _WORD_RE.findall(text.lower())
         if len(ws) >= r.ngram.min_tokens:
             share, top, count = ngram_repetition(ws, r.ngram.n)
-            if share >= r.ngram.max_share and count >= r.ngram.min_count:
+            coverage = min(1.0, count * r.ngram.n / len(ws))
+            if count >= r.ngram.min_count and (share >= r.ngram.max_share or coverage >= r.ngram.max_top_coverage):
                 out.append(Finding("repetition.ngram", {
-                    "field": where, "ngram": " ".join(top), "repeats": count,
-                    "share": round(share, 3), "threshold": r.ngram.max_share}))
+                    "field": where, "ngram": " ".join(top), "repeats": count, "share": round(share, 3),
+                    "top_coverage": round(coverage, 3), "max_share": r.ngram.max_share,
+                    "max_top_coverage": r.ngram.max_top_coverage}))
     if r.sentences.enabled:
         share, dup, top, c, total = sentence_repetition(text, r.sentences.min_chars)
         if dup >= r.sentences.min_duplicates and share >= r.sentences.max_share:
@@ -121,7 +122,7 @@ def check_text(text: str, rules: RepetitionRules, where: str = "") -> list[Findi
         p, length = looping_suffix(toks, r.loop.max_period)
         if p and length / p >= r.loop.min_repeats and length >= r.loop.min_tokens:
             out.append(Finding("repetition.loop", {
-                "field": where, "span": _join(toks[len(toks) - p:])[:200], "period_tokens": p,
+                "field": where, "span": _join(toks[len(toks) - length:len(toks) - length + p])[:200], "period_tokens": p,
                 "repeats": round(length / p, 2), "suffix_tokens": length}))
     if r.compression.enabled and len(text) >= r.compression.min_chars:
         ratio = compression_ratio(text)
@@ -134,7 +135,3 @@ def check_text(text: str, rules: RepetitionRules, where: str = "") -> list[Findi
 
 def _join(toks: list[str]) -> str:
     return " ".join(toks)
-
-
-def first(findings: list[Finding], rule: str) -> Optional[Finding]:
-    return next((f for f in findings if f.rule == rule), None)

@@ -29,6 +29,7 @@ from .settings import FilterSettings
 HEURISTIC_RULES = ("unreadable", "length", "char_run", "token_run", "duplicate_lines", "empty_answer",
                    "formatting", "placeholders")
 REPETITION_RULES = ("repetition.ngram", "repetition.sentences", "repetition.loop", "repetition.compression")
+_HAS_WORD = re.compile(r"[^\W_]")
 _SEPARATORS = re.compile(r"[\s,;]+")
 _FENCE = re.compile(r"^[ \t]*(```|~~~)", re.MULTILINE)
 
@@ -79,7 +80,8 @@ def duplicate_lines(text: str, min_chars: int) -> tuple[int, int, str, int]:
     n = dup = 0
     for line in text.split("\n"):
         line = line.strip()
-        if len(line) < min_chars:
+        # rulers and table separators ("|---|---|") repeat by design
+        if len(line) < min_chars or not _HAS_WORD.search(line):
             continue
         n += 1
         c = seen.get(line, 0)

@@ -94,11 +94,13 @@ class UnreadableRule:
 
 @dataclass
 class NgramRepetition:
-    """Share of word n-grams that repeat an earlier n-gram of the same answer."""
+    """Word n-grams repeating within one answer: the share of n-gram positions repeating an
+    earlier n-gram, or the share of the words covered by the most frequent n-gram alone."""
 
     enabled: bool = True
     n: int = 4
     max_share: float = 0.5
+    max_top_coverage: float = 0.5
     min_count: int = 4              # the most frequent n-gram must occur at least this often
     min_tokens: int = 30
 
@@ -215,6 +217,7 @@ class FilterSettings:
             (0 < h.duplicate_lines.max_share <= 1, "heuristics.duplicate_lines.max_share must be in (0, 1]"),
             (r.ngram.n >= 1, "repetition.ngram.n must be >= 1"),
             (0 < r.ngram.max_share <= 1, "repetition.ngram.max_share must be in (0, 1]"),
+            (0 < r.ngram.max_top_coverage <= 1, "repetition.ngram.max_top_coverage must be in (0, 1]"),
             (0 < r.sentences.max_share <= 1, "repetition.sentences.max_share must be in (0, 1]"),
             (r.loop.max_period >= 1 and r.loop.min_repeats > 1, "repetition.loop needs max_period >= 1 and min_repeats > 1"),
             (0 < r.compression.min_ratio < 1, "repetition.compression.min_ratio must be in (0, 1)"),
