@@ -367,7 +367,7 @@ def profile(recipe: Path, overrides: list[str], table_path: Path, iters: int = 2
         if device.type == "cuda":
             torch.cuda.synchronize()
     averages = prof.key_averages()
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table_path.write_text(averages.table(sort_by=sort, row_limit=40))
     reads = sum(e.count for e in averages if e.key == "aten::_local_scalar_dense") / iters
     return {"device": str(device), "iterations": iters, "host_reads_per_step": reads,
@@ -406,7 +406,9 @@ def gpu_tests(out_dir: Path, timeout: float) -> dict:
         except subprocess.TimeoutExpired:
             result["exit_code"] = f"timed out after {timeout:.0f} s"
     text = logp.read_text()
-    result["outcomes"] = dict(re.findall(r"^(PASSED|FAILED|ERROR|SKIPPED) (\S+)", text, re.M)[::-1]) if text else {}
+    # pytest -rA's summary lines: "PASSED tests/gpu/test_gpu.py::test_name[param]"
+    result["outcomes"] = {node: status for status, node in
+                          re.findall(r"^(PASSED|FAILED|ERROR|SKIPPED) (\S+)", text, re.M)}
     return result
 
 

@@ -59,7 +59,7 @@ def varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=F
     _check_lengths(cu_seq_q, cu_seq_k, max_q, max_k)
     assert key.shape[1] == query.shape[1], "2.10 has no GQA"
     calls.append({"is_causal": is_causal})
-    return reference(query, key, value, cu_seq_q.tolist(), is_causal, 1 / math.sqrt(query.shape[-1]))
+    return reference(query, key, value, cu_seq_q.tolist(), is_causal, 1 / math.sqrt(query.shape[-1])).to(query.dtype)
 
 
 def varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
@@ -67,7 +67,7 @@ def varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     _check_lengths(cu_seq_q, cu_seq_k, max_q, max_k)
     assert key.shape[1] == query.shape[1], "no enable_gqa in this signature"
     calls.append({"window_size": tuple(window_size), "scale": scale})
-    return reference(query, key, value, cu_seq_q.tolist(), tuple(window_size) == (-1, 0), scale)
+    return reference(query, key, value, cu_seq_q.tolist(), tuple(window_size) == (-1, 0), scale).to(query.dtype)
 
 
 def varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
@@ -75,7 +75,7 @@ def varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     _check_lengths(cu_seq_q, cu_seq_k, max_q, max_k)
     assert enable_gqa or key.shape[1] == query.shape[1]
     calls.append({"window_size": tuple(window_size), "scale": scale, "enable_gqa": enable_gqa})
-    return reference(query, key, value, cu_seq_q.tolist(), tuple(window_size) == (-1, 0), scale)
+    return reference(query, key, value, cu_seq_q.tolist(), tuple(window_size) == (-1, 0), scale).to(query.dtype)
 
 
 @pytest.mark.parametrize("fn", [varlen_2_10, varlen_2_11, varlen_2_12])
@@ -87,7 +87,7 @@ def test_varlen_adapter_matches_float64_attention(fn, causal, scale):
     cu = torch.tensor(CU, dtype=torch.int32)
     calls.clear()
     out = adapter(q, k, v, cu, 7, causal, scale)
-    torch.testing.assert_close(out, reference(q, k, v, CU, causal, scale), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), reference(q, k, v, CU, causal, scale), rtol=1e-5, atol=1e-5)
     (call,) = calls
     if fn is varlen_2_12:
         assert call == {"window_size": (-1, 0) if causal else (-1, -1), "scale": scale, "enable_gqa": True}
@@ -167,6 +167,38 @@ def test_cpu_packed_attention_matches_float64():
         out = core(q, k, v, None, packed_seq_params=params)
         want = reference(q, k, v, CU, causal, 1 / math.sqrt(D)).reshape(CU[-1], -1)
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fake", [varlen_2_10, varlen_2_11, varlen_2_12])
+def test_core_attention_varlen_branch_with_a_fake_kernel(monkeypatch, fake):
+    """The CUDA branch of CoreAttention (shapes, cu_seqlens, max length, GQA, scale) wired to a
+    fake varlen_attn on CPU gives the per-sample CPU result."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    config = SimpleNamespace(context_parallel_size=1, attention_dropout=0.0, kv_channels=D)
+    cu = torch.tensor(CU, dtype=torch.int32)
+    q, k, v = qkv(2)
+    core = attn.CoreAttention(config, 1, AttnMaskType.causal, softmax_scale=0.2)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7)
+    want = core(q, k, v, None, packed_seq_params=params)
+    monkeypatch.setattr(attn, "VARLEN_ATTN", attn.varlen_adapter(fake))
+    monkeypatch.setattr(attn, "select_backend", lambda *a, **k: attn.VARLEN if k.get("packed") else attn.SDPA)
+    calls.clear()
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7)
+    got = core(q, k, v, None, packed_seq_params=params)
+    assert len(calls) == 1 and got.shape == want.shape == (CU[-1], HQ * D)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_sdpa_branch_equals_plain_sdpa(monkeypatch):
+    """The ViT's CUDA branch (SDPA restricted to the fused backends) on CPU's fused kernel."""
+    config = SimpleNamespace(context_parallel_size=1, attention_dropout=0.0, kv_channels=D)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(9, 3, HQ, D, generator=gen) for _ in range(3))  # [S, tiles, H, D]
+    core = attn.CoreAttention(config, 1, AttnMaskType.no_mask)
+    want = core(q, k, v, None)
+    monkeypatch.setattr(attn, "select_backend", lambda *a, **k: attn.FUSED)
+    torch.testing.assert_close(core(q, k, v, None), want, rtol=1e-5, atol=1e-5)
 
 
 def test_segments_without_max_length_are_computed_once():
