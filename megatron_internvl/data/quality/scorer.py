@@ -51,7 +51,7 @@ REPETITION_PROMPT = (
     "(almost all of it is repetition) to 10 (no repetition at all). Reply with the number only."
     "\n\nText:\n{text}\n\nScore:")
 
-_NUMBER = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)")
+_NUMBER = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)(?!\w)")
 
 
 def parse_score(output: str) -> Optional[float]:
