@@ -45,6 +45,8 @@ setup(
             "tensorboard",
             "av",
             "nvidia-dali-cuda130",
+            # Triton kernels (kernels/) are tested on CPU under TRITON_INTERPRET=1.
+            "triton",
         ],
         "dev": ["pytest", "pytest-timeout", "transformers>=5", "matplotlib", "tensorboard"],
     },

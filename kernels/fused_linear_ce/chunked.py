@@ -148,6 +148,14 @@ def _check_inputs(hidden, weight, labels, active, vocab_size):
                              f"[{lo}, {hi}] (give ignored tokens weight 0)")
 
 
+def _accumulate(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w (fp32) += g^T h, without a [V/TP, H] temporary when the inputs are fp32."""
+    if g.dtype == grad_w.dtype:
+        grad_w.addmm_(g.t(), h)
+    else:
+        grad_w += g.t() @ h  # bf16 product (half the size), accumulated in fp32
+
+
 def _chunk_logits(hidden, weight, idx):
     h = hidden.index_select(0, idx)
     return h, h @ weight.t()
@@ -183,7 +191,7 @@ class WeightedLinearCE(torch.autograd.Function):
                 if need_h:
                     grad_h.index_copy_(0, idx, (g @ weight).float())
                 if need_w:
-                    grad_w += (g.t() @ h).float()
+                    _accumulate(grad_w, g, h)
             del h
         loss = (ce * w_all).sum()
         ctx.hidden_dtype = hidden.dtype
@@ -194,8 +202,9 @@ class WeightedLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
         grad_h, grad_w = ctx.saved_tensors
-        dh = None if grad_h is None else (grad_h * grad_loss).to(ctx.hidden_dtype)
-        dw = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
+        # In place: these buffers exist only for this backward (no double backward).
+        dh = None if grad_h is None else grad_h.mul_(grad_loss).to(ctx.hidden_dtype)
+        dw = None if grad_w is None else grad_w.mul_(grad_loss.to(grad_w.dtype))
         return dh, dw, None, None, None, None, None, None
 
 
@@ -251,6 +260,6 @@ class LinearLogProbs(torch.autograd.Function):
             if need_h:
                 grad_h.index_copy_(0, idx, (g @ weight).float())
             if need_w:
-                grad_w += (g.t() @ h).float()
+                _accumulate(grad_w, g, h)
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None, None)
