@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,20 +96,46 @@ def _worker(args: list[str], out_json: Path, logf, timeout: float, env=None) -> 
     return json.loads(out_json.read_text())
 
 
-def _train(recipe: Path, overrides: list[str], steps: int, run_dir: Path, logf, timeout: float) -> list[dict]:
-    """This project's training loop (one process, as `megatron-internvl train`); its step records."""
+def _step_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    lines = text.split("\n")[:-1]  # complete lines only: the last one may still be written
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def _train(recipe: Path, overrides: list[str], steps: int, run_dir: Path, logf, timeout: float,
+           stop_when_logged: bool = False) -> list[dict]:
+    """This project's training loop (one process, as `megatron-internvl train`); its step records.
+
+    ``stop_when_logged``: end the process once the last step is logged. The loop then saves a
+    checkpoint, which is no part of a throughput measurement and would write ~35 GB (weights and
+    Adam state) for the 2B shape: minutes of the budget and half the node's disk.
+    """
     cmd = [sys.executable, "-m", "megatron_internvl.train", str(recipe), f"logging.run_dir={run_dir}",
            f"training.train_steps={steps}", "logging.progress=false", "logging.tensorboard=false",
            "checkpoint.save_interval=null", f"checkpoint.save={run_dir}/ckpt", "training.log_interval=1"]
     cmd += overrides
     logf.write(f"\n$ {' '.join(cmd)}\n")
     logf.flush()
-    proc = subprocess.run(cmd, cwd=ROOT, env=_python_env(), stdout=logf, stderr=subprocess.STDOUT,
-                          timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_python_env(), stdout=logf, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            if stop_when_logged and len(_step_records(run_dir)) >= steps:
+                proc.kill()
+                proc.wait()
+                logf.write(f"[gpu-check] stopped after step {steps} was logged (no final checkpoint)\n")
+                return _step_records(run_dir)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"training did not finish in {timeout:.0f} s")
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"training exited with {proc.returncode} (see check.log)")
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return _step_records(run_dir)
 
 
 # --- 1. environment -------------------------------------------------------------------------------
@@ -250,7 +277,9 @@ def _median(records, key, warmup):
 def ours(recipe: Path, overrides: list[str], steps: int, warmup: int, work: Path, logf, timeout) -> dict:
     import torch
 
-    records = _train(recipe, overrides + ["training.precision=bf16", "model.spec=auto"], steps, work, logf, timeout)
+    records = _train(recipe, overrides + ["training.precision=bf16", "model.spec=auto"], steps, work, logf, timeout,
+                     stop_when_logged=True)
+    shutil.rmtree(work / "ckpt", ignore_errors=True)  # a save the stop may have cut short
     step_s = _median(records, "step_time_s", warmup)
     return {"steps": len(records), "warmup": warmup, "final_loss": records[-1]["loss"],
             "tokens_per_step": records[-1]["tokens"], "tiles_per_step": records[-1]["tiles"],
