@@ -100,9 +100,12 @@ def check_text(text: str, rules: RepetitionRules, where: str = "") -> list[Findi
     """All repetition findings for one supervised text."""
     out: list[Finding] = []
     r = rules
-    if r.ngram.enabled or r.loop.enabled:
+    # every token is at least one character: shorter texts cannot reach the token minimums
+    ngram = r.ngram.enabled and len(text) >= r.ngram.min_tokens
+    loop = r.loop.enabled and len(text) >= r.loop.min_tokens
+    if loop:
         toks = tokens(text)
-    if r.ngram.enabled:
+    if ngram:
         ws = _WORD_RE.findall(text.lower())
         if len(ws) >= r.ngram.min_tokens:
             share, top, count = ngram_repetition(ws, r.ngram.n)
@@ -118,7 +121,7 @@ def check_text(text: str, rules: RepetitionRules, where: str = "") -> list[Findi
             out.append(Finding("repetition.sentences", {
                 "field": where, "sentence": top[:200], "repeats": c, "duplicates": dup,
                 "sentences": total, "share": round(share, 3), "threshold": r.sentences.max_share}))
-    if r.loop.enabled:
+    if loop:
         p, length = looping_suffix(toks, r.loop.max_period)
         if p and length / p >= r.loop.min_repeats and length >= r.loop.min_tokens:
             out.append(Finding("repetition.loop", {
