@@ -92,7 +92,7 @@ def plot(reports: list[dict], path: str) -> bool:
     for r in reports:
         rules += [k for k in r["rules"] if k not in rules]
     rules = ["any rule"] + rules
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rules) * max(1, len(reports)) ** 0.5 + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(14.0, 2.0 + 0.35 * len(rules) * (1 + len(reports)) ** 0.5), 4.5))
     x = np.arange(len(rules))
     w = 0.8 / max(1, len(reports))
     for i, r in enumerate(reports):
