@@ -210,3 +210,20 @@ def test_bad_invocations(mixture, tmp_path, capsys):
     assert "holds input annotation files" in capsys.readouterr().err
     assert cli_main(["filter-apply", "--review", str(tmp_path), "--out", str(tmp_path / "n")]) == 2
     assert "manifest.json" in capsys.readouterr().err
+
+
+def test_crlf_lines_and_a_last_line_without_newline_keep_their_bytes(tmp_path):
+    good = [json.dumps({"text": f"Document number {k} about the quick brown fox."}).encode() for k in range(5)]
+    bad = json.dumps({"text": "the dog " + "0" * 60}).encode()
+    data = tmp_path / "data"
+    os.makedirs(data)
+    body = b"\r\n".join(good[:2] + [bad] + good[2:]) + b"\r\n\r\n" + b"\r\n".join([bad, good[0]])  # no final newline
+    (data / "c.jsonl").write_bytes(body)
+    json.dump({"c": {"annotation": "c.jsonl", "kind": "text"}}, open(data / "meta.json", "w"))
+    out, new = str(tmp_path / "out"), str(tmp_path / "new")
+    run_filter(str(data / "meta.json"), out, load_settings(), log=lambda m: None)
+    assert [r["line"] for r in read_flagged(os.path.join(out, "c", "flagged.jsonl"))] == [3, 8]
+    expected = b"".join(x + b"\r\n" for x in good) + good[0] + b"\n"
+    assert open(os.path.join(out, "c", "kept.jsonl"), "rb").read() == expected
+    apply_review(out, new)
+    assert open(os.path.join(new, "c.jsonl"), "rb").read() == expected

@@ -22,7 +22,7 @@ def chunk_ranges(path: str, chunk_bytes: int) -> list[tuple[int, int]]:
 
 
 def read_lines(path: str, start: int, end: int) -> Iterator[bytes]:
-    """Every line starting in [start, end), without its line break (empty lines included)."""
+    """Every line starting in [start, end), without its "\n" (empty lines included)."""
     with open(path, "rb") as f:
         if start > 0:
             f.seek(start - 1)
@@ -34,7 +34,8 @@ def read_lines(path: str, start: int, end: int) -> Iterator[bytes]:
             if not line:
                 break
             pos += len(line)
-            yield line.rstrip(b"\r\n") if line.endswith(b"\n") else line.rstrip(b"\r")
+            # only the "\n" goes: a "\r" before it stays, so rewritten lines keep their bytes
+            yield line[:-1] if line.endswith(b"\n") else line
 
 
 def is_blank(raw: bytes) -> bool:
