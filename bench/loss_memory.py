@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     rows = []
+    load_start = os.getloadavg()[0]
     for shape in args.shape or ["1b", "8b"]:
         for tp in args.tp or [1, 2]:
             threads = args.threads or max(1, (os.cpu_count() or 1) // tp)
@@ -148,12 +149,15 @@ def main(argv=None) -> int:
 
     env = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
            "torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           # Other work on the machine skews the times (both paths alternate to share it).
+           "load_average_start_end": [round(load_start, 1), round(os.getloadavg()[0], 1)],
            "command": "python bench/loss_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"loss_memory_{args.tag}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     lines = [f"# Loss memory: today's path vs fused ({env['device']}, {env['cpus']} cores, torch {env['torch']})",
-             "", f"`{env['command']}`", "",
+             "", f"`{env['command']}` (load average {env['load_average_start_end'][0]} at start, "
+             f"{env['load_average_start_end'][1]} at end)", "",
              "| shape | hidden | tokens | TP | dtype | path | peak loss memory (GiB) | time (s) | memory today/fused | time fused/today |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
