@@ -41,6 +41,7 @@ class Template:
     system_message: Optional[str] = None
     # Text after each turn's <|im_end|>: "\n" for internvl2_5, "" for the MPT-style ones.
     turn_sep: str = "\n"
+    # BOS first when the tokenizer's config does not say (its add_bos_token wins; see wants_bos).
     bos: bool = False
     # Strip whitespace around turn values (what InternVL does for its InternLM2/Hermes-2 data).
     strip: bool = False
@@ -185,7 +186,8 @@ def tokenize_segments(tok: Tokenizer, segments: Sequence[tuple[str, bool]],
     turn_ends: list[int] = []
     if bos:
         if tok.bos_id is None:
-            raise ValueError("template needs a BOS token but the tokenizer has none")
+            raise ValueError("the template starts samples with BOS but the tokenizer has no BOS token; set bos_token "
+                             "(or add_bos_token=false) in its tokenizer_config.json")
         ids.append(tok.bos_id)
         mask.append(False)
     k = 0
@@ -225,12 +227,27 @@ def tokenize_segments(tok: Tokenizer, segments: Sequence[tuple[str, bool]],
     return Tokenized(arr, labels, spans, turn_ends)
 
 
+def wants_bos(tok: Tokenizer, template: Optional[Template] = None) -> bool:
+    """Whether a sample starts with BOS: the tokenizer's own ``add_bos_token`` when its
+    tokenizer_config.json sets it, else the template's default.
+
+    InternVL prepends ``tokenizer.bos_token`` to the first piece whenever the tokenizer has
+    ``add_bos_token`` (InternLM2/2.5 tokenizers do, under every template, ``internvl2_5``
+    included; Qwen2's do not), so the same sample gets the same first token here.
+    """
+    if tok.add_bos_token is not None:
+        return tok.add_bos_token
+    return template.bos if template is not None else False
+
+
 def tokenize_conversation(tok: Tokenizer, template: Template, turns: Sequence[tuple[str, str]],
                           image_tokens: Sequence[int], system_message: Optional[str] = None) -> Tokenized:
     segs = render_chat(template, turns, system_message)
-    return tokenize_segments(tok, segs, image_tokens, bos=template.bos)
+    return tokenize_segments(tok, segs, image_tokens, bos=wants_bos(tok, template))
 
 
 def tokenize_plain(tok: Tokenizer, text: str, image_tokens: Sequence[int], expand_images: bool = True) -> Tokenized:
-    """Pre-training text: no template, every text token supervised, EOS appended."""
-    return tokenize_segments(tok, [(text, True)], image_tokens, eos=True, expand_images=expand_images)
+    """Pre-training text: no template, every text token supervised, EOS appended; BOS first
+    (never a target) when the tokenizer's config asks for it."""
+    return tokenize_segments(tok, [(text, True)], image_tokens, bos=wants_bos(tok), eos=True,
+                             expand_images=expand_images)

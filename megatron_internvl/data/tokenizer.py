@@ -4,6 +4,10 @@ Special tokens are matched by this class, not by the backend: text is split on t
 token strings and only the pieces between them reach the backend. Both backends therefore
 treat `<|im_start|>`, `<img>`, ... identically, whether or not the vocabulary had them.
 Tokens the vocabulary lacks are appended after its last id.
+
+``bos_token`` and ``add_bos_token`` come from the tokenizer_config.json beside the file, as
+transformers reads them: ``add_bos_token`` is None when the config does not say, and the
+template's default applies (see templates.wants_bos).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Iterable, Optional, Sequence
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
-GROUNDING_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>")
+# InternVL's order (quad, ref, box), so a vocabulary extended here gets the ids InternVL's does.
+GROUNDING_TOKENS = ("<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 # Added when missing, in this order.
 REQUIRED_SPECIAL_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT) + GROUNDING_TOKENS + CHATML_TOKENS
@@ -147,9 +152,14 @@ class Tokenizer:
         self.img_end_id = self.special_to_id[IMG_END]
         self.img_context_id = self.special_to_id[IMG_CONTEXT]
 
+        add_bos = side.get("add_bos_token")
+        self.add_bos_token: Optional[bool] = add_bos if isinstance(add_bos, bool) else None
         if kind == "sp":
             sp = self._b.sp
             self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
+            named = self._lookup(_token_str(side.get("bos_token")))
+            if named is not None:
+                self.bos_id = named
             self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
             self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else None
         else:
@@ -167,6 +177,11 @@ class Tokenizer:
             self.eos_id = self._lookup(eos_token)
         if self.pad_id is None:
             self.pad_id = self.eos_id if self.eos_id is not None else 0
+        if self.add_bos_token and self.bos_id is None:
+            raise TokenizerError(
+                f"the tokenizer_config.json beside {file} sets add_bos_token=true but names no bos_token "
+                "found in the vocabulary; set bos_token there (e.g. \"<s>\") or add_bos_token=false."
+            )
 
     def _lookup(self, tok: Optional[str]) -> Optional[int]:
         if tok is None:

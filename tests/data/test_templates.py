@@ -104,11 +104,11 @@ def test_special_tokens_added_after_vocab(bpe, spm_model):
     raw = Raw.from_file(bpe)
     tok = load_tokenizer(bpe)
     V = raw.get_vocab_size(with_added_tokens=True)
-    added = ["<img>", "</img>", "<IMG_CONTEXT>", "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>"]
+    added = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
     assert [tok.token_id(t) for t in added] == list(range(V, V + len(added)))
     assert tok.token_id("<|im_start|>") == raw.token_to_id("<|im_start|>")   # present: kept
-    assert tok.encode("a<box>b</box>") == (raw.encode("a", add_special_tokens=False).ids + [V + 5]
-                                           + raw.encode("b", add_special_tokens=False).ids + [V + 6])
+    assert tok.encode("a<box>b</box>") == (raw.encode("a", add_special_tokens=False).ids + [V + 7]
+                                           + raw.encode("b", add_special_tokens=False).ids + [V + 8])
     assert tok.decode(tok.encode("<ref>fox</ref><IMG_CONTEXT>")) == "<ref>fox</ref><IMG_CONTEXT>"
 
     import sentencepiece as spm
