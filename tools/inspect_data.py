@@ -38,7 +38,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from megatron_internvl.data.config import DataConfig
-    from megatron_internvl.data.dataset import HeaderOnlyMedia, MediaLoader, build_data_loader, inspect_stream
+    from megatron_internvl.data.inspection import HeaderOnlyMedia, inspect_stream
+    from megatron_internvl.data.loader import build_data_loader
+    from megatron_internvl.data.samples import MediaLoader
 
     logging.basicConfig(level=logging.ERROR if args.json else logging.WARNING, format="%(levelname)s %(message)s")
     cfg = DataConfig(meta_path=args.meta, tokenizer_path=args.tokenizer, template=args.template,

@@ -18,7 +18,7 @@ def main(hf_dir: str, data_dir: str) -> int:
     from transformers import InternVLForConditionalGeneration
 
     from megatron_internvl.data.config import DataConfig
-    from megatron_internvl.data.dataset import build_data_loader
+    from megatron_internvl.data.loader import build_data_loader
 
     model, info = InternVLForConditionalGeneration.from_pretrained(hf_dir, output_loading_info=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}

@@ -159,7 +159,7 @@ def _pad_multiple(config: Config) -> int:
 def run(config: Config, recipe=None, overrides=()) -> int:
     from megatron.core import parallel_state as ps
 
-    from megatron_internvl.data.dataset import build_data_loader, build_tokenizer
+    from megatron_internvl.data.loader import build_data_loader, build_tokenizer
     from megatron_internvl.data.synthetic import SyntheticPackLoader
     from megatron_internvl.parallel import distributed
     from megatron_internvl.parallel.data import BroadcastLoader
