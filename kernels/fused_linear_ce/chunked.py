@@ -35,36 +35,56 @@ import torch
 import torch.distributed as dist
 
 # Default size of one chunk's logits (fp32 bytes); the token chunk follows from the local vocab.
-DEFAULT_CHUNK_BYTES = 512 * 2**20
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+class _Work:
+    """One chunk's fp32 logits, transformed in place; ``shift`` is set once they hold
+    ``exp(logits - shift)`` (after :meth:`TorchBackend.row_lse`)."""
+
+    __slots__ = ("x", "shift")
+
+    def __init__(self, x):
+        self.x, self.shift = x, None
 
 
 class TorchBackend:
-    """Chunk softmax work in plain torch (fp32), in place on the chunk's logits."""
+    """Chunk softmax work in plain torch (fp32), in place on the chunk's logits: one
+    ``[tokens, vocab / TP]`` buffer per chunk (none extra when the logits are fp32)."""
 
     name = "torch"
 
     @staticmethod
-    def prepare(logits: torch.Tensor, valid: int) -> torch.Tensor:
-        work = logits.float()
-        if valid < work.shape[1]:
-            work[:, valid:] = float("-inf")
-        return work
+    def prepare(logits: torch.Tensor, valid: int) -> _Work:
+        x = logits.float()
+        if valid < x.shape[1]:
+            x[:, valid:] = float("-inf")
+        return _Work(x)
 
     @staticmethod
-    def row_lse(work, target, in_range, valid):
+    def row_lse(work: _Work, target, in_range, valid):
         """Local log-sum-exp per row and the target's logit (0 where the target is elsewhere)."""
-        lse = torch.logsumexp(work, dim=1)
-        picked = work.gather(1, target[:, None]).squeeze(1)
-        return lse, torch.where(in_range, picked, torch.zeros_like(picked))
+        x = work.x
+        picked = x.gather(1, target[:, None]).squeeze(1)
+        picked = torch.where(in_range, picked, torch.zeros_like(picked))
+        m = x.amax(dim=1)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a rank holding only padding
+        x.sub_(m[:, None]).exp_()
+        work.shift = m
+        return m + torch.log(x.sum(dim=1)), picked
 
     @staticmethod
-    def softmax_grad(work, lse, target, in_range, valid, scale, out_dtype):
+    def softmax_grad(work: _Work, lse, target, in_range, valid, scale, out_dtype):
         """``(softmax - onehot(target)) * scale`` per row, as ``out_dtype``."""
-        work.sub_(lse[:, None]).exp_()
-        rows = torch.arange(work.shape[0], device=work.device)
-        work[rows, target] -= in_range.to(work.dtype)
-        work.mul_(scale[:, None])
-        return work.to(out_dtype)
+        x = work.x
+        if work.shift is None:
+            x.sub_(lse[:, None]).exp_()
+        else:
+            x.mul_(torch.exp(work.shift - lse)[:, None])
+        rows = torch.arange(x.shape[0], device=x.device)
+        x[rows, target] -= in_range.to(x.dtype)
+        x.mul_(scale[:, None])
+        return x.to(out_dtype)
 
 
 def _backend(name: str, device: torch.device):
