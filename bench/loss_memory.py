@@ -9,7 +9,8 @@ Each measurement runs in fresh processes (TP ranks on gloo, TP>1 emulated on one
 process's peak resident set (``ru_maxrss``) is that of one measurement: the figure reported is
 ``peak RSS - RSS before the loss`` (inputs, weight and imports excluded; the weight gradient,
 which both paths allocate, included), the maximum over TP ranks. On a GPU, the allocator's
-peak (``torch.cuda.max_memory_allocated``) is used instead.
+peak (``torch.cuda.max_memory_allocated``) is used instead, after one untimed warm-up call
+(cuBLAS and Triton compile once).
 
     python bench/loss_memory.py                                   # the full grid
     python bench/loss_memory.py --shape 1b --tokens 16384 --tp 1 --tag cpu
@@ -66,6 +67,30 @@ def measure(path: str, hidden_size: int, tokens: int, tp: int, dtype_name: str, 
     weight.requires_grad_(True)
     labels = torch.randint(0, VOCAB, (tokens,), device=device, generator=gen)
     weights = torch.ones(tokens, device=device)  # every token supervised: the worst case
+
+    def loss_once():
+        h = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+        if path == "today":
+            from megatron_internvl.training.loss import weighted_token_loss
+
+            logits = h @ weight.t()
+            if real < local:
+                pad = torch.zeros(local, dtype=torch.bool, device=device)
+                pad[real:] = True
+                logits = logits.masked_fill(pad, float("-inf"))
+            loss = weighted_token_loss(logits[:, None, :], labels[None], weights[None]).sum()
+            del logits
+        else:
+            from megatron_internvl.kernels.fused_linear_ce import weighted_linear_cross_entropy
+
+            loss = weighted_linear_cross_entropy(h, weight, labels, weights, ps.get_tensor_model_parallel_group(),
+                                                 vocab_size=VOCAB).loss
+        loss.backward()
+        return loss
+
+    if device.type == "cuda":  # cuBLAS and Triton compile once, outside the measurement
+        loss_once()
+        hidden.grad = weight.grad = None
     torch.distributed.barrier()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -75,23 +100,7 @@ def measure(path: str, hidden_size: int, tokens: int, tp: int, dtype_name: str, 
         before = _rss()
         peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    h = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
-    if path == "today":
-        from megatron_internvl.training.loss import weighted_token_loss
-
-        logits = h @ weight.t()
-        if real < local:
-            pad = torch.zeros(local, dtype=torch.bool, device=device)
-            pad[real:] = True
-            logits = logits.masked_fill(pad, float("-inf"))
-        loss = weighted_token_loss(logits[:, None, :], labels[None], weights[None]).sum()
-        del logits
-    else:
-        from megatron_internvl.kernels.fused_linear_ce import weighted_linear_cross_entropy
-
-        loss = weighted_linear_cross_entropy(h, weight, labels, weights, ps.get_tensor_model_parallel_group(),
-                                             vocab_size=VOCAB).loss
-    loss.backward()
+    loss = loss_once()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 FORWARD_LIMIT = 2e-2
 TRAIN_STEPS = 30
 PROFILE_IF_BEFORE_S = 360  # the profile starts only if the check is this young (8-minute budget)
+LOSS_MEMORY_IF_BEFORE_S = 400  # likewise the loss-memory bench (GPU only; about a minute)
 TINY_RECIPE = ROOT / "examples" / "tiny" / "full.yaml"
 SHAPES = {  # name: (recipe, overrides)
     "InternVL3-1B": (ROOT / "examples" / "bench" / "internvl3_1b_synthetic.yaml", []),
@@ -405,6 +406,18 @@ def profile(recipe: Path, overrides: list[str], table_path: Path, iters: int = 2
 
 
 # --- 4. tests/gpu -------------------------------------------------------------------------------------
+def loss_memory(work: Path, logf, timeout: float) -> dict:
+    """bench/loss_memory.py on this GPU: the output layer + loss of the 1B and 8B shapes at 16384
+    tokens in BF16, logits path vs fused (TP=1: one GPU), peaks from the CUDA allocator."""
+    cmd = [sys.executable, str(ROOT / "bench" / "loss_memory.py"), "--shape", "1b", "--shape", "8b",
+           "--tp", "1", "--dtype", "bfloat16", "--tag", "gpu", "--out", str(work)]
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout,
+                          env=_python_env())
+    if proc.returncode:
+        return {"error": f"bench/loss_memory.py exited with {proc.returncode} (see check.log)"}
+    return json.loads((work / "loss_memory_gpu.json").read_text())
+
+
 def gpu_tests(out_dir: Path, timeout: float) -> dict:
     import torch
 
@@ -491,6 +504,16 @@ def summary_md(res: dict, smoke: bool) -> str:
         lines.append(f"- {pr['shape']}, forward + backward of one pack on {pr['device']}: "
                      f"{pr['host_reads_per_step']:g} host read-backs per step "
                      f"({pr['llm_layers']} LLM layers, {pr['vit_layers']} ViT layers); kernel table in profile.txt")
+    lines += ["", "## Loss memory (bench/loss_memory.py)", ""]
+    lm = res.get("loss_memory", {})
+    if "error" in lm or "skipped" in lm:
+        lines.append(f"- {lm.get('error') or lm.get('skipped')}")
+    for r in lm.get("rows", []):
+        if r["path"] == "fused":
+            lines.append(f"- {r['shape']} output layer, {r['tokens']} tokens, TP={r['tp']}, {r['dtype']}: fused "
+                         f"{_fmt(r['peak_gib'], '.2f')} GiB, {r['seconds']:.3f} s; logits path / fused memory "
+                         f"{_fmt(r.get('memory_ratio_today_over_fused'), '.1f')}x, fused / logits time "
+                         f"{_fmt(r.get('time_ratio_fused_over_today'), '.2f')}x")
     lines += ["", "## tests/gpu", ""]
     gt = res.get("gpu_tests", {})
     if "error" in gt:
@@ -564,6 +587,17 @@ def run_all(out_dir: Path, smoke: bool, steps: int, warmup: int, command: str) -
             res["profile"] = dict(_worker(args, work / "profile.json", logf, 240), shape=shape)
         else:
             res["profile"] = {"skipped": f"over {PROFILE_IF_BEFORE_S} s already spent"}
+        if smoke:
+            res["loss_memory"] = {"skipped": "GPU only (CPU figures: bench/results/loss_memory_cpu-*.md)"}
+        elif time.monotonic() - t_start < LOSS_MEMORY_IF_BEFORE_S:
+            log("loss memory: logits path vs fused, 1B and 8B output layers, 16384 tokens, BF16")
+            try:
+                res["loss_memory"] = loss_memory(work, logf, 150)
+            except Exception as exc:
+                traceback.print_exc(file=logf)
+                res["loss_memory"] = {"error": f"{type(exc).__name__}: {exc}"}
+        else:
+            res["loss_memory"] = {"skipped": f"over {LOSS_MEMORY_IF_BEFORE_S} s already spent"}
     log("tests/gpu")
     try:
         res["gpu_tests"] = gpu_tests(out_dir, 240)
