@@ -176,9 +176,30 @@ def _accumulate(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
         grad_w += g.t() @ h  # bf16 product (half the size), accumulated in fp32
 
 
-def _chunk_logits(hidden, weight, idx):
-    h = hidden.index_select(0, idx)
-    return h, h @ weight.t()
+def _chunks(hidden, weight, labels, active, shard, be, chunk_tokens):
+    """The active tokens chunk by chunk: indices, hidden rows, this rank's targets and the
+    prepared logits. The caller drops each chunk's buffers before asking for the next, so one
+    chunk of logits is alive at a time."""
+    step = chunk_tokens_for(shard.local, chunk_tokens)
+    for a in range(0, active.numel(), step):
+        idx = active[a : a + step]
+        h = hidden.index_select(0, idx)
+        target, in_range = shard.targets(labels.index_select(0, idx))
+        yield idx, h, target, in_range, be.prepare(h @ weight.t(), shard.valid)
+
+
+def _grad_buffers(ctx, hidden, weight):
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    return (torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None,
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None)
+
+
+def _add_grads(g, idx, h, weight, grad_h, grad_w) -> None:
+    """Chunk logit gradient g -> its hidden rows and the weight gradient."""
+    if grad_h is not None:
+        grad_h.index_copy_(0, idx, (g @ weight).float())
+    if grad_w is not None:
+        _accumulate(grad_w, g, h)
 
 
 class WeightedLinearCE(torch.autograd.Function):
@@ -190,29 +211,18 @@ class WeightedLinearCE(torch.autograd.Function):
         be = _backend(backend, hidden.device)
         active = (token_weights != 0).nonzero().squeeze(1)  # the one host sync of the loss
         _check_inputs(hidden, weight, labels, active, shard.vocab_size)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ce = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        step = chunk_tokens_for(shard.local, chunk_tokens)
+        grad_h, grad_w = _grad_buffers(ctx, hidden, weight)
         w_all = token_weights.float()
-        for a in range(0, active.numel(), step):
-            idx = active[a : a + step]
-            h, logits = _chunk_logits(hidden, weight, idx)
-            target, in_range = shard.targets(labels.index_select(0, idx))
-            work = be.prepare(logits, shard.valid)
-            del logits
+        for idx, h, target, in_range, work in _chunks(hidden, weight, labels, active, shard, be, chunk_tokens):
             lse, picked = _combine(*be.row_lse(work, target, in_range, shard.valid), shard.group)
             ce.index_copy_(0, idx, lse - picked)
-            if need_h or need_w:
+            if grad_h is not None or grad_w is not None:
                 g = be.softmax_grad(work, lse, target, in_range, shard.valid,
                                     w_all.index_select(0, idx), weight.dtype)
-                del work
-                if need_h:
-                    grad_h.index_copy_(0, idx, (g @ weight).float())
-                if need_w:
-                    _accumulate(grad_w, g, h)
-            del h
+                _add_grads(g, idx, h, weight, grad_h, grad_w)
+                del g
+            del work, h
         loss = (ce * w_all).sum()
         ctx.hidden_dtype = hidden.dtype
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
@@ -237,17 +247,11 @@ class LinearLogProbs(torch.autograd.Function):
         be = _backend(backend, hidden.device)
         active = mask.nonzero().squeeze(1)
         _check_inputs(hidden, weight, labels, active, shard.vocab_size)
-        step = chunk_tokens_for(shard.local, chunk_tokens)
         lse_all = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         logp = torch.zeros_like(lse_all)
-        for a in range(0, active.numel(), step):
-            idx = active[a : a + step]
-            _, logits = _chunk_logits(hidden, weight, idx)
-            target, in_range = shard.targets(labels.index_select(0, idx))
-            work = be.prepare(logits, shard.valid)
-            del logits
+        for idx, h, target, in_range, work in _chunks(hidden, weight, labels, active, shard, be, chunk_tokens):
             lse, picked = _combine(*be.row_lse(work, target, in_range, shard.valid), shard.group)
-            del work
+            del work, h
             lse_all.index_copy_(0, idx, lse)
             logp.index_copy_(0, idx, picked - lse)
         ctx.save_for_backward(hidden, weight, labels, lse_all)
@@ -261,25 +265,14 @@ class LinearLogProbs(torch.autograd.Function):
         group, vocab_size, chunk_tokens, backend = ctx.args
         shard = _Shard(weight, vocab_size, group)
         be = _backend(backend, hidden.device)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_logp = torch.where(ctx.mask, grad_logp.float(), torch.zeros_like(grad_logp, dtype=torch.float32))
         active = (grad_logp != 0).nonzero().squeeze(1)
-        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        step = chunk_tokens_for(shard.local, chunk_tokens)
-        for a in range(0, active.numel(), step):
-            idx = active[a : a + step]
-            h, logits = _chunk_logits(hidden, weight, idx)
-            target, in_range = shard.targets(labels.index_select(0, idx))
-            work = be.prepare(logits, shard.valid)
-            del logits
+        grad_h, grad_w = _grad_buffers(ctx, hidden, weight)
+        for idx, h, target, in_range, work in _chunks(hidden, weight, labels, active, shard, be, chunk_tokens):
             # d log p / d logits = onehot - softmax = -(softmax - onehot)
             g = be.softmax_grad(work, lse_all.index_select(0, idx), target, in_range, shard.valid,
                                 -grad_logp.index_select(0, idx), weight.dtype)
-            del work
-            if need_h:
-                grad_h.index_copy_(0, idx, (g @ weight).float())
-            if need_w:
-                _accumulate(grad_w, g, h)
+            _add_grads(g, idx, h, weight, grad_h, grad_w)
+            del g, work, h
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None, None)
