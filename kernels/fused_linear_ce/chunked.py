@@ -162,7 +162,7 @@ def _check_inputs(hidden, weight, labels, active, vocab_size):
         raise ValueError(f"labels {tuple(labels.shape)} must be [tokens] = [{hidden.shape[0]}]")
     if active.numel():
         used = labels[active]
-        lo, hi = int(used.min()), int(used.max())
+        lo, hi = torch.stack([used.min(), used.max()]).tolist()  # one host sync
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"labels of weighted tokens must be in [0, {vocab_size}); got "
                              f"[{lo}, {hi}] (give ignored tokens weight 0)")
@@ -209,7 +209,7 @@ class WeightedLinearCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, token_weights, group, vocab_size, chunk_tokens, backend):
         shard = _Shard(weight, vocab_size, group)
         be = _backend(backend, hidden.device)
-        active = (token_weights != 0).nonzero().squeeze(1)  # the one host sync of the loss
+        active = (token_weights != 0).nonzero().squeeze(1)  # host sync: the supervised tokens
         _check_inputs(hidden, weight, labels, active, shard.vocab_size)
         ce = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_h, grad_w = _grad_buffers(ctx, hidden, weight)
