@@ -42,6 +42,12 @@ def _plan(args) -> int:
     return 0
 
 
+def _slurm(rest) -> int:
+    from megatron_internvl.launch.slurm import main as slurm_main
+
+    return slurm_main(rest)
+
+
 def _convert(rest) -> int:
     from megatron_internvl.convert.cli import main as convert_main
 
@@ -94,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--world-size", type=int, default=None, help="check the layout for N processes")
     plan.set_defaults(func=_plan)
 
+    sub.add_parser("slurm", help="render (--dry-run) or submit (--submit) the sbatch script for a recipe "
+                   "(see `slurm --help`)", add_help=False)
     sub.add_parser("convert", help="Hugging Face <-> Megatron checkpoints (see `convert --help`)",
                    add_help=False)
     sub.add_parser("inspect-data", help="statistics of a data mixture (see `inspect-data --help`)",
@@ -110,6 +118,8 @@ def main(argv=None) -> int:
     # Subcommands with their own parsers get the rest of the line untouched.
     if argv and argv[0] == "convert":
         return _convert(argv[1:])
+    if argv and argv[0] == "slurm":
+        return _slurm(argv[1:])
     if argv and argv[0] == "inspect-data":
         return _inspect_data(argv[1:])
     if argv and argv[0] == "filter-data":

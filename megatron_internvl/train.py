@@ -2,7 +2,12 @@
 
 import sys
 
-from megatron_internvl.training.main import main
-
 if __name__ == "__main__":
+    from megatron_internvl.training import signals
+
+    # Before the heavy imports: Slurm's SIGUSR1 during start-up stops the run after its first
+    # step instead of killing it. (Under the guard: spawned helpers re-import this module.)
+    signals.install()
+    from megatron_internvl.training.main import main
+
     sys.exit(main())

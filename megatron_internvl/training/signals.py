@@ -3,6 +3,10 @@
 Slurm sends SIGUSR1 (``--signal=USR1@120``) or SIGTERM before a job's end; every rank saves at the
 same step (the stop request is all-reduced) and the process exits with :data:`EXIT_REQUEUE` so the
 sbatch script can requeue the job, which then resumes from the checkpoint.
+
+:func:`install` runs first thing in the entry point, long before the model is built: a signal
+that arrives while the ranks import and load is remembered (not fatal) and stops the run after
+its first step.
 """
 
 from __future__ import annotations
@@ -10,21 +14,32 @@ from __future__ import annotations
 import signal
 import time
 
-import torch
-
 EXIT_REQUEUE = 42
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+_received: str | None = None
+
+
+def _handler(signum, frame):
+    global _received
+    _received = signal.Signals(signum).name
+
+
+def install() -> None:
+    """Remember SIGTERM / SIGUSR1 from now on instead of dying of them."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _handler)
 
 
 class StopRequest:
     def __init__(self, time_limit_minutes: float | None = None):
         self.start = time.monotonic()
         self.limit_s = None if time_limit_minutes is None else 60.0 * time_limit_minutes
-        self.received: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+        install()
 
-    def _handler(self, signum, frame):
-        self.received = signal.Signals(signum).name
+    @property
+    def received(self) -> str | None:
+        return _received
 
     def local_reason(self) -> str | None:
         if self.received:
@@ -35,9 +50,11 @@ class StopRequest:
 
     def should_stop(self) -> str | None:
         """Agreed across all ranks (any rank's request stops everyone at the same step)."""
-        reason = self.local_reason()
+        import torch
+
         from megatron_internvl.parallel.distributed import compute_device
 
+        reason = self.local_reason()
         flag = torch.tensor([1.0 if reason else 0.0], device=compute_device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)

@@ -1,0 +1,1 @@
+"""Launching jobs on clusters (Slurm)."""
