@@ -3,7 +3,7 @@
 Real photos that ship inside installed packages (matplotlib's Grace Hopper portrait,
 scikit-learn's China temple and flower), cropped and resized into varied aspect ratios, each with
 a caption that names its source photo, plus multi-image and text-only conversations, a native
-pre-training (interleaved) file and a plain text corpus. A byte-level BPE tokenizer is trained on
+pre-training (interleaved) file, a plain text corpus and preference pairs for MPO (`meta_mpo.json`). A byte-level BPE tokenizer is trained on
 the texts with the special tokens in a fixed order, so ``<IMG_CONTEXT>`` always has id 5.
 
     python examples/tiny/make_dataset.py OUT_DIR
@@ -132,7 +132,32 @@ def build(out: str | os.PathLike) -> Path:
         "tiny_text": {"annotation": "text.jsonl", "kind": "text", "repeat_time": 1},
     }
     (out / "meta_native.json").write_text(json.dumps(native, indent=1))
+    write_jsonl(out / "preference.jsonl", preference_pairs(images))
+    mpo = {"tiny_preference": {"root": ".", "annotation": "preference.jsonl", "data_augment": False,
+                               "max_dynamic_patch": 2, "repeat_time": 1}}
+    (out / "meta_mpo.json").write_text(json.dumps(mpo, indent=1))
     return out
+
+
+def preference_pairs(images: list[tuple[str, str]]) -> list[dict]:
+    """MMPR-style pairs: each image's own caption is chosen, another photo's caption rejected;
+    text-only pairs prefer a true sentence to a scrambled one; one pair has an earlier turn."""
+    names = list(CAPTIONS)
+    pairs = []
+    for rel, name in images:
+        wrong = names[(names.index(name) + 1) % len(names)]
+        pairs.append({"image": rel, "question": "<image>\nDescribe the image.",
+                      "chosen": CAPTIONS[name], "rejected": CAPTIONS[wrong]})
+    for text in TEXT[:4]:
+        words = text.rstrip(".").split()
+        pairs.append({"question": "Say something true.", "chosen": text,
+                      "rejected": " ".join(reversed(words)) + "."})
+    rel, name = images[0]
+    pairs.append({"image": rel, "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the picture?"},
+        {"from": "gpt", "value": CAPTIONS[name]}],
+        "question": "Describe the image.", "chosen": CAPTIONS[name], "rejected": TEXT[5]})
+    return pairs
 
 
 if __name__ == "__main__":
