@@ -21,24 +21,52 @@ def _train(args) -> int:
 
 
 def _plan(args) -> int:
-    """Print the resolved config and the derived layout, without launching anything."""
+    """Validate a recipe; with a cluster size, check its layout there and estimate memory, FLOPs
+    and step time per GPU (docs/cluster.md); with --search, rank the layouts that fit."""
     import yaml
 
     from megatron_internvl.config import ConfigError, load_config
     from megatron_internvl.config.loader import config_to_dict
 
+    if args.nodes is not None and args.world_size is not None:
+        print("megatron-internvl plan: give --nodes/--gpus-per-node or --world-size, not both",
+              file=sys.stderr)
+        return 2
+    nodes, gpus = args.nodes, args.gpus_per_node
+    if nodes is None and args.world_size:
+        nodes, gpus = 1, args.world_size
     try:
-        config = load_config(args.recipe, args.overrides, world_size=args.world_size)
+        config = load_config(args.recipe, args.overrides)
     except ConfigError as exc:
         print(f"megatron-internvl plan: config error: {exc}", file=sys.stderr)
         return 2
-    print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
-    if args.world_size:
+    if nodes is None:
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        return 0
+    from megatron_internvl.planning import Hardware, make_plan, search_layouts, unfit_message
+    from megatron_internvl.planning.report import format_plan, format_search
+
+    hardware = Hardware(gpu_mem_gib=args.gpu_mem, mfu=args.mfu)
+    if args.peak_tflops:
+        hardware.peak_tflops = args.peak_tflops
+    if args.search:
+        print(format_search(search_layouts(config, nodes, gpus, hardware), args.top))
+        return 0
+    try:
+        plan = make_plan(config, nodes, gpus, hardware)
+    except ConfigError as exc:
+        print(f"megatron-internvl plan: layout error: {exc}", file=sys.stderr)
+        return 2
+    if args.world_size:  # the resolved config, then the layout (as before --nodes existed)
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        steps = plan.micro_batches
         p = config.parallel
-        dp = p.data_parallel(args.world_size)
-        steps = config.training.global_batch_size // (config.training.micro_batch_size * dp)
         print(f"# layout: TP={p.tensor_parallel} PP={p.pipeline_parallel} CP={p.context_parallel} "
-              f"DP={dp}; {steps} micro-batches per rank per step")
+              f"DP={plan.data_parallel}; {steps} micro-batches per rank per step")
+    print(format_plan(config, plan, nodes, gpus))
+    if not plan.fits:
+        print(f"megatron-internvl plan: {unfit_message(plan)}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -94,10 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
     train.set_defaults(func=_train)
 
-    plan = sub.add_parser("plan", help="validate a recipe and print the resolved config and layout")
+    plan = sub.add_parser(
+        "plan", help="validate a recipe's layout for a cluster; memory, FLOPs and step time per GPU",
+        description="Without a cluster size: print the resolved config. With --nodes N "
+        "--gpus-per-node G (or --world-size N): check the layout there and estimate per GPU the "
+        "weights, gradients, optimizer state, activations, output layer + loss and the peak, the "
+        "FLOPs per step and the step time at an assumed MFU (docs/cluster.md). Exit code 3: the "
+        "layout does not fit in --gpu-mem.")
     plan.add_argument("recipe")
     plan.add_argument("overrides", nargs="*")
-    plan.add_argument("--world-size", type=int, default=None, help="check the layout for N processes")
+    plan.add_argument("--world-size", type=int, default=None,
+                      help="check the layout for N processes (one node of N GPUs) and print the config")
+    plan.add_argument("--nodes", type=int, default=None, help="number of nodes")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    plan.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80: H100)")
+    plan.add_argument("--mfu", type=float, default=0.35, help="assumed MFU for the step time (0.35)")
+    plan.add_argument("--peak-tflops", type=float, default=None,
+                      help="dense BF16 TFLOP/s per GPU (default 989: H100/H200)")
+    plan.add_argument("--search", action="store_true",
+                      help="rank the layouts that fit by estimated step time")
+    plan.add_argument("--top", type=int, default=10, help="layouts --search prints (10)")
     plan.set_defaults(func=_plan)
 
     sub.add_parser("slurm", help="render (--dry-run) or submit (--submit) the sbatch script for a recipe "

@@ -1,0 +1,101 @@
+"""Rank the parallel layouts that fit a cluster by estimated step time.
+
+Candidates: TP within a node (1, 2, 4, 8 where the heads divide), CP 1/2/4, every PP that
+divides the rest, VPP where the stage's layers split, recompute none/full, sequence parallelism
+whenever TP > 1. Without VPP, the first stage's LLM layers (``parallel.first_stage_llm_layers``)
+are chosen to balance the ViT: the split with the smallest slowest-stage time. Everything else
+(batch, budgets, optimizer) stays as the recipe says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megatron_internvl.config.schema import ConfigError
+
+from .layout import Plan, make_plan, pack_shape, stage_flops
+from .memory import Hardware
+
+
+@dataclass
+class Candidate:
+    overrides: dict  # dotted field -> value, ready for the command line
+    plan: Plan
+
+    def override_args(self) -> str:
+        return " ".join(f"{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+                        for k, v in self.overrides.items())
+
+
+def with_layout(config, tp: int, pp: int, cp: int, vpp, first, recompute: str):
+    parallel = dataclasses.replace(
+        config.parallel, tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp,
+        virtual_pipeline_parallel=vpp, first_stage_llm_layers=first, sequence_parallel=tp > 1)
+    model = dataclasses.replace(config.model, recompute=recompute)
+    return dataclasses.replace(config, parallel=parallel, model=model)
+
+
+def balanced_first_stage_layers(config) -> int | None:
+    """The first stage's LLM layer count with the smallest slowest-stage time (None: the even
+    split is at least as good)."""
+    p, layers = config.parallel, config.model.language.num_layers
+    if p.pipeline_parallel == 1 or (p.virtual_pipeline_parallel or 1) > 1:
+        return None
+    shapes = pack_shape(config)
+    best, best_time = None, None
+    options = [None] if layers % p.pipeline_parallel == 0 else []
+    options += [f for f in range(0, layers + 1) if (layers - f) % (p.pipeline_parallel - 1) == 0
+                and (layers - f) // (p.pipeline_parallel - 1) >= 1]
+    for first in options:
+        trial = dataclasses.replace(config, parallel=dataclasses.replace(p, first_stage_llm_layers=first))
+        slowest = max(stage_flops(trial, shapes))
+        if best_time is None or slowest < best_time * (1 - 1e-9):
+            best, best_time = first, slowest
+    return best
+
+
+def search_layouts(config, nodes: int, gpus_per_node: int, hardware: Hardware | None = None,
+                   recompute_options=("none", "full")) -> list[Candidate]:
+    """Every fitting layout, fastest first (ties: lower peak memory)."""
+    hardware = hardware or Hardware()
+    world = nodes * gpus_per_node
+    layers = config.model.language.num_layers
+    found = []
+    for tp in (1, 2, 4, 8):
+        if tp > gpus_per_node:
+            continue
+        for cp in (1, 2, 4):
+            if config.data.max_tokens // cp < 4096 and cp > 1:
+                continue
+            if world % (tp * cp):
+                continue
+            rest = world // (tp * cp)
+            for pp in range(1, min(rest, layers) + 1):
+                if rest % pp:
+                    continue
+                vpps = [None] + [v for v in (2, 3, 4, 6, 8)
+                                 if pp > 1 and layers % pp == 0 and (layers // pp) % v == 0]
+                for vpp in vpps:
+                    for recompute in recompute_options:
+                        trial = with_layout(config, tp, pp, cp, vpp, None, recompute)
+                        if pp > 1 and vpp is None:
+                            trial = with_layout(config, tp, pp, cp, vpp,
+                                                balanced_first_stage_layers(trial), recompute)
+                        try:
+                            plan = make_plan(trial, nodes, gpus_per_node, hardware)
+                        except ConfigError:
+                            continue
+                        if not plan.fits:
+                            continue
+                        q = trial.parallel
+                        found.append(Candidate({
+                            "parallel.tensor_parallel": tp, "parallel.pipeline_parallel": pp,
+                            "parallel.virtual_pipeline_parallel": vpp,
+                            "parallel.context_parallel": cp,
+                            "parallel.sequence_parallel": tp > 1,
+                            "parallel.first_stage_llm_layers": q.first_stage_llm_layers,
+                            "model.recompute": recompute,
+                        }, plan))
+    found.sort(key=lambda c: (c.plan.step_seconds, c.plan.peak_bytes))
+    return found
