@@ -35,11 +35,14 @@ class VisionConfig:
     drop_path_rate: float = 0.0
 
 
+LANGUAGE_ARCHS = ("qwen2", "internlm2", "internlm3", "llama")
+
+
 @dataclass
 class LanguageConfig:
     """The LLM. Defaults: Qwen2.5-0.5B (InternVL2.5/3-1B)."""
 
-    arch: str = "qwen2"  # qwen2 | internlm2 | llama
+    arch: str = "qwen2"  # qwen2 | internlm2 | internlm3 | llama
     hidden_size: int = 896
     num_layers: int = 24
     num_heads: int = 14
@@ -47,6 +50,10 @@ class LanguageConfig:
     ffn_hidden_size: int = 4864
     vocab_size: int = 151674
     rope_theta: float = 1_000_000.0
+    # Dynamic NTK rope scaling factor of the HF config (InternLM3: 6.0); 0: none. It changes no
+    # position below max_position_embeddings, which is all a packed sample uses here; it is kept
+    # so that a conversion writes it back.
+    rope_dynamic_factor: float = 0.0
     norm_eps: float = 1e-6
     qkv_bias: bool = True
     max_position_embeddings: int = 32768
@@ -71,9 +78,18 @@ class ModelConfig:
     def validate(self) -> None:
         if self.vision.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"model.vision.norm={self.vision.norm!r}: use 'layernorm' or 'rmsnorm'")
-        if self.language.arch not in ("qwen2", "internlm2", "llama"):
+        if self.language.arch not in LANGUAGE_ARCHS:
             raise ConfigError(
-                f"model.language.arch={self.language.arch!r}: use 'qwen2', 'internlm2' or 'llama'"
+                f"model.language.arch={self.language.arch!r}: use one of {', '.join(LANGUAGE_ARCHS)}"
+            )
+        if self.language.arch == "internlm3" and self.language.qkv_bias:
+            raise ConfigError(
+                "model.language.qkv_bias=true: InternLM3 has no attention biases; set it to false"
+            )
+        if self.language.rope_dynamic_factor and self.language.rope_dynamic_factor < 1.0:
+            raise ConfigError(
+                f"model.language.rope_dynamic_factor={self.language.rope_dynamic_factor}: use 0 "
+                f"(no scaling) or a factor >= 1"
             )
         if self.spec not in ("auto", "te", "local"):
             raise ConfigError(f"model.spec={self.spec!r}: use 'auto', 'te' or 'local'")
@@ -204,12 +220,12 @@ class ParallelConfig:
                 )
 
 
-STAGES = ("native_pretrain", "mlp_warmup", "vit_incremental", "full")
+STAGES = ("native_pretrain", "mlp_warmup", "vit_incremental", "full", "mpo")
 
 
 @dataclass
 class TrainingConfig:
-    stage: str = "full"  # native_pretrain | mlp_warmup | vit_incremental | full
+    stage: str = "full"  # native_pretrain | mlp_warmup | vit_incremental | full | mpo
     vit_trainable_last_layers: Optional[int] = None  # train only the last k ViT layers
     train_steps: int = 100
     micro_batch_size: int = 1  # packed sequences per micro-batch
@@ -283,6 +299,52 @@ class CheckpointConfig:
     init_vision: Optional[str] = None  # ViT + projector
 
 
+MPO_REFERENCES = ("model", "precomputed")
+
+
+@dataclass
+class MpoConfig:
+    """The MPO preference stage (``training.stage: mpo``; docs/mpo.md). InternVL3's defaults;
+    its learning rate is about 2e-7 to 1e-6 (set optimizer.lr)."""
+
+    beta: float = 0.1
+    weights: list[float] = field(default_factory=lambda: [0.8, 0.2, 1.0])  # DPO, BCO, SFT
+    label_smoothing: float = 0.0  # conservative DPO
+    # model: a frozen copy of the starting policy runs forward-only in each step;
+    # precomputed: log-probs from `megatron-internvl mpo-reference` (no second model).
+    reference: str = "model"
+    # The starting policy the reference is; None = checkpoint.load.
+    reference_checkpoint: Optional[str] = None
+    reference_file: Optional[str] = None  # precomputed: the mpo-reference output
+    sft_reduction: str = "token"  # token (official) | sample | square
+
+    def validate(self, checkpoint: "CheckpointConfig", parallel: ParallelConfig, data) -> None:
+        if not self.beta > 0:
+            raise ConfigError(f"mpo.beta={self.beta} must be > 0")
+        if len(self.weights) != 3 or any(w < 0 for w in self.weights):
+            raise ConfigError(f"mpo.weights={self.weights}: give three non-negative weights [dpo, bco, sft]")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"mpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.sft_reduction not in ("token", "sample", "square"):
+            raise ConfigError(f"mpo.sft_reduction={self.sft_reduction!r}: use token, sample or square")
+        if self.reference not in MPO_REFERENCES:
+            raise ConfigError(f"mpo.reference={self.reference!r}: use one of {', '.join(MPO_REFERENCES)}")
+        if not (self.reference_checkpoint or checkpoint.load):
+            raise ConfigError("training.stage=mpo starts from a trained policy: set checkpoint.load (or "
+                              "mpo.reference_checkpoint) to the SFT checkpoint")
+        if data.synthetic.enabled:
+            raise ConfigError("training.stage=mpo trains on preference pairs: set data.synthetic.enabled=false")
+        if parallel.context_parallel > 1:
+            raise ConfigError("training.stage=mpo does not support parallel.context_parallel > 1 yet: set it to 1")
+        if self.reference == "precomputed":
+            if not self.reference_file:
+                raise ConfigError("mpo.reference=precomputed needs mpo.reference_file (written by "
+                                  "`megatron-internvl mpo-reference RECIPE.yaml`)")
+            if data.v2pe == "random":
+                raise ConfigError("mpo.reference=precomputed needs the same positions in every epoch: "
+                                  "data.v2pe=random draws new ones; use data.v2pe=fixed or mpo.reference=model")
+
+
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"
@@ -299,12 +361,15 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    mpo: MpoConfig = field(default_factory=MpoConfig)
 
     def validate(self, world_size: Optional[int] = None, require_data: bool = True) -> None:
         self.model.validate()
         self.parallel.validate(self.model)
         self.training.validate()
         self.optimizer.validate()
+        if self.training.stage == "mpo":
+            self.mpo.validate(self.checkpoint, self.parallel, self.data)
         if self.optimizer.warmup_steps and self.optimizer.warmup_steps >= self.training.train_steps:
             raise ConfigError(
                 f"optimizer.warmup_steps={self.optimizer.warmup_steps} must be below "

@@ -4,7 +4,9 @@ Two formats are read and written:
 - ``transformers``: ``InternVLForConditionalGeneration`` (model_type "internvl"), a Qwen2 or Llama
   ``text_config``;
 - ``remote-code``: OpenGVLab's ``InternVLChatModel`` (model_type "internvl_chat"), an
-  ``llm_config`` of Qwen2, InternLM2 or Llama.
+  ``llm_config`` of Qwen2, InternLM2, InternLM3 or Llama.
+InternLM3 (InternVL3-9B) is Llama-shaped: separate q/k/v/o projections without biases, head_dim
+128, and a dynamic NTK rope scaling that is recorded (``rope_dynamic_factor``) and written back.
 Anything the project's model would compute differently (another activation, a rope scaling,
 biases it has no place for, v1 pixel shuffle, another feature layer) is refused with the field
 named, rather than converted into a model that silently disagrees.
@@ -30,8 +32,9 @@ _REMOTE_ARCHS = {
     "Qwen2ForCausalLM": "qwen2",
     "InternLM2ForCausalLM": "internlm2",
     "LlamaForCausalLM": "llama",
+    "InternLM3ForCausalLM": "internlm3",
 }
-_TEXT_MODEL_TYPES = ("qwen2", "llama")
+_TEXT_MODEL_TYPES = ("qwen2", "llama", "internlm3")
 _NORMS = {"layer_norm": "layernorm", "rms_norm": "rmsnorm"}
 
 
@@ -78,20 +81,24 @@ def _square(value, field):
     return int(value)
 
 
-def _rope_theta(cfg: dict, where: str) -> float:
+def _rope(cfg: dict, where: str) -> tuple[float, float]:
+    """(rope theta, dynamic NTK factor or 0) from either spelling: transformers 5's
+    ``rope_parameters`` or the older ``rope_theta`` + ``rope_scaling``."""
     params = cfg.get("rope_parameters") or {}
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     scaling = cfg.get("rope_scaling") or {}
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type == "dynamic":
+        factor = float(params.get("factor", scaling.get("factor", 1.0)))
+        _require(factor >= 1.0, f"{where}.rope_scaling.factor", factor, "a factor >= 1")
         # Dynamic NTK only changes positions beyond max_position_embeddings.
         warnings.warn(
-            f"{where}.rope_scaling is dynamic NTK: positions beyond max_position_embeddings are "
-            f"not rescaled by the project's model", stacklevel=2,
+            f"{where}.rope_scaling is dynamic NTK (factor {factor:g}): positions beyond "
+            f"max_position_embeddings are not rescaled by the project's model", stacklevel=2,
         )
-    else:
-        _require(rope_type == "default", f"{where}.rope_scaling", rope_type, "no rope scaling")
-    return float(theta)
+        return float(theta), factor
+    _require(rope_type == "default", f"{where}.rope_scaling", rope_type, "no rope scaling or dynamic")
+    return float(theta), 0.0
 
 
 def _language(cfg: dict, arch: str, where: str) -> LanguageConfig:
@@ -107,14 +114,17 @@ def _language(cfg: dict, arch: str, where: str) -> LanguageConfig:
         _require(False, f"{where}.use_sliding_window", True, "false (full attention in every layer)")
     if arch == "qwen2":
         qkv_bias = True
-    elif arch == "llama":
-        _require(not cfg.get("attention_bias", False), f"{where}.attention_bias",
-                 cfg.get("attention_bias"), "false (the output projection has no bias here)")
-        _require(not cfg.get("mlp_bias", False), f"{where}.mlp_bias", cfg.get("mlp_bias"), "false")
+    elif arch in ("llama", "internlm3"):
+        # InternLM3's own config spells the biases qkv_bias / bias, transformers' attention_bias /
+        # mlp_bias; either must be false.
+        for key, what in (("attention_bias", "false (the output projection has no bias here)"),
+                          ("qkv_bias", "false"), ("mlp_bias", "false"), ("bias", "false")):
+            _require(not cfg.get(key, False), f"{where}.{key}", cfg.get(key), what)
         qkv_bias = False
     else:  # internlm2
         _require(not cfg.get("bias", False), f"{where}.bias", cfg.get("bias"), "false")
         qkv_bias = False
+    theta, dynamic = _rope(cfg, where)
     return LanguageConfig(
         arch=arch,
         hidden_size=hidden,
@@ -123,7 +133,8 @@ def _language(cfg: dict, arch: str, where: str) -> LanguageConfig:
         num_kv_heads=_get(cfg, "num_key_value_heads", where, heads),
         ffn_hidden_size=_get(cfg, "intermediate_size", where, required=True),
         vocab_size=_get(cfg, "vocab_size", where, required=True),
-        rope_theta=_rope_theta(cfg, where),
+        rope_theta=theta,
+        rope_dynamic_factor=dynamic,
         norm_eps=float(_get(cfg, "rms_norm_eps", where, 1e-6)),
         qkv_bias=qkv_bias,
         max_position_embeddings=_get(cfg, "max_position_embeddings", where, 32768),
@@ -278,7 +289,8 @@ def export_config(fmt: str, model: ModelConfig, source: HFModel | None, tied: bo
     return cfg
 
 
-_ARCH_OF_TEXT = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM"}
+_ARCH_OF_TEXT = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                 "internlm2": "InternLM2ForCausalLM", "internlm3": "InternLM3ForCausalLM"}
 
 
 def _text_config(lang: LanguageConfig, dtype: str, remote: bool) -> dict:
@@ -300,9 +312,20 @@ def _text_config(lang: LanguageConfig, dtype: str, remote: bool) -> dict:
         out.update(model_type="internlm2", bias=False, attn_implementation="eager")
     else:
         out["model_type"] = lang.arch
+    if lang.arch == "internlm3":
+        out["head_dim"] = lang.hidden_size // lang.num_heads
+        # transformers' InternLM3Config maps qkv_bias / bias onto these two.
+        if remote:
+            out.update(qkv_bias=False, bias=False)
+        else:
+            out.update(attention_bias=False, mlp_bias=False)
     if not remote:
         out.pop("architectures")
         out["rope_parameters"] = {"rope_theta": out.pop("rope_theta"), "rope_type": "default"}
+        if lang.rope_dynamic_factor:
+            out["rope_parameters"].update(rope_type="dynamic", factor=lang.rope_dynamic_factor)
+    elif lang.rope_dynamic_factor:
+        out["rope_scaling"] = {"rope_type": "dynamic", "factor": lang.rope_dynamic_factor}
     return out
 
 
@@ -310,7 +333,7 @@ def _transformers_config(model: ModelConfig, dtype: str) -> dict:
     if model.language.arch not in _TEXT_MODEL_TYPES:
         raise ConversionError(
             f"the transformers format has no {model.language.arch} language model: export "
-            f"--format remote-code (transformers' InternVL takes Qwen2 or Llama)"
+            f"--format remote-code (transformers' InternVL takes Qwen2, Llama or InternLM3)"
         )
     vis = model.vision
     return {

@@ -194,8 +194,10 @@ REMOTE_CODE_VISION = _vision_rows(
 
 
 # --- the formats ---------------------------------------------------------------------------------
-TRANSFORMERS_LLM = {"qwen2": LLAMA_STYLE_LLM, "llama": LLAMA_STYLE_LLM}
-REMOTE_CODE_LLM = {"qwen2": LLAMA_STYLE_LLM, "llama": LLAMA_STYLE_LLM, "internlm2": INTERNLM2_LLM}
+# InternLM3 names its weights as Llama does (q/k/v/o_proj, gate/up/down_proj) in both formats.
+TRANSFORMERS_LLM = {"qwen2": LLAMA_STYLE_LLM, "llama": LLAMA_STYLE_LLM, "internlm3": LLAMA_STYLE_LLM}
+REMOTE_CODE_LLM = {"qwen2": LLAMA_STYLE_LLM, "llama": LLAMA_STYLE_LLM, "internlm2": INTERNLM2_LLM,
+                   "internlm3": LLAMA_STYLE_LLM}
 
 FORMATS = {
     "transformers": (TRANSFORMERS_VISION, TRANSFORMERS_LLM),

@@ -20,6 +20,11 @@ class TinyCheckpoints:
         # The same weights as "llama", in OpenGVLab's remote-code layout with an InternLM2 LLM.
         self.dirs["internlm2-remote"] = root / "internlm2-remote"
         models.write_remote_internlm2(self.dirs["llama"], self.dirs["internlm2-remote"], self.models["llama"])
+        # InternLM3 (InternVL3-9B's LLM): transformers format, and the same weights in the
+        # remote-code layout.
+        self._add("internlm3", "internlm3", models.VIT_300M, seed=4)
+        self.dirs["internlm3-remote"] = root / "internlm3-remote"
+        models.write_remote_internlm3(self.dirs["internlm3"], self.dirs["internlm3-remote"], self.models["internlm3"])
 
     def _add(self, name, text_type, vision, seed):
         path = self.root / name

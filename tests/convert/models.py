@@ -38,6 +38,11 @@ def tiny_config(text_type: str = "qwen2", vision: dict = VIT_300M):
     text = dict(TEXT, model_type=text_type, rope_theta=10000.0)
     if text_type == "llama":
         text.update(attention_bias=False, mlp_bias=False)
+    if text_type == "internlm3":
+        # InternLM3-8B's kind of config: explicit head_dim, no biases, dynamic NTK rope scaling.
+        text.pop("rope_theta")
+        text.update(attention_bias=False, mlp_bias=False, head_dim=TEXT["hidden_size"] // TEXT["num_attention_heads"],
+                    rope_parameters={"rope_type": "dynamic", "factor": 6.0, "rope_theta": 50000.0})
     return InternVLConfig(
         vision_config=dict(vision), text_config=text, image_token_id=IMG_CONTEXT,
         image_seq_length=TOKENS_PER_TILE, downsample_ratio=0.5, tie_word_embeddings=False,
@@ -105,17 +110,11 @@ def reference_logits(model, batches: dict) -> dict:
     }
 
 
-# --- OpenGVLab remote-code layout with an InternLM2 LLM, written independently ---------------------
-def write_remote_internlm2(src_dir, out_dir, model) -> None:
-    """The weights of a transformers (Llama text) InternVL in OpenGVLab's remote-code layout."""
-    from safetensors.torch import save_file
-
-    cfg = model.config
-    tc, vc = cfg.text_config, cfg.vision_config
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+# --- OpenGVLab remote-code layouts (InternLM2 / InternLM3 LLMs), written independently -------------
+def _remote_vision(sd: dict, vc) -> dict:
+    """Pop the vision tower and projector of a transformers InternVL state dict ``sd`` and return
+    them under OpenGVLab's remote-code names."""
     out = {}
-    heads, groups = tc.num_attention_heads, tc.num_key_value_heads
-    d = tc.hidden_size // heads
     for i in range(vc.num_hidden_layers):
         s, t = f"model.vision_tower.encoder.layer.{i}.", f"vision_model.encoder.layers.{i}."
         for p in ("weight", "bias"):
@@ -134,6 +133,17 @@ def write_remote_internlm2(src_dir, out_dir, model) -> None:
         out[f"vision_model.embeddings.patch_embedding.{p}"] = sd.pop(e + f"patch_embeddings.projection.{p}")
         for src, dst in (("layer_norm", "0"), ("linear_1", "1"), ("linear_2", "3")):
             out[f"mlp1.{dst}.{p}"] = sd.pop(f"model.multi_modal_projector.{src}.{p}")
+    return out
+
+
+def write_remote_internlm2(src_dir, out_dir, model) -> None:
+    """The weights of a transformers (Llama text) InternVL in OpenGVLab's remote-code layout."""
+    cfg = model.config
+    tc = cfg.text_config
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = _remote_vision(sd, cfg.vision_config)
+    heads, groups = tc.num_attention_heads, tc.num_key_value_heads
+    d = tc.hidden_size // heads
     for i in range(tc.num_hidden_layers):
         s, t = f"model.language_model.layers.{i}.", f"language_model.model.layers.{i}."
         q = sd.pop(s + "self_attn.q_proj.weight").reshape(groups, heads // groups, d, -1)
@@ -151,6 +161,63 @@ def write_remote_internlm2(src_dir, out_dir, model) -> None:
     out["language_model.model.norm.weight"] = sd.pop("model.language_model.norm.weight")
     out["language_model.output.weight"] = sd.pop("lm_head.weight")
     assert not sd, f"unconverted: {sorted(sd)}"
+    llm_config = {
+        "architectures": ["InternLM2ForCausalLM"],
+        "model_type": "internlm2",
+        "hidden_size": tc.hidden_size,
+        "num_hidden_layers": tc.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": groups,
+        "intermediate_size": tc.intermediate_size,
+        "vocab_size": tc.vocab_size,
+        "rms_norm_eps": tc.rms_norm_eps,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": tc.max_position_embeddings,
+        "hidden_act": "silu",
+        "bias": False,
+        "tie_word_embeddings": False,
+    }
+    _write_remote(out_dir, out, llm_config, cfg.vision_config)
+
+
+def write_remote_internlm3(src_dir, out_dir, model) -> None:
+    """The weights of a transformers InternLM3-text InternVL in the remote-code layout of
+    InternVL3-9B: Llama names under ``language_model.``; the config in InternLM3's own spelling
+    (``qkv_bias`` / ``bias``, ``rope_theta`` + ``rope_scaling``)."""
+    cfg = model.config
+    tc = cfg.text_config
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = _remote_vision(sd, cfg.vision_config)
+    for name in list(sd):
+        if name.startswith("model.language_model."):
+            out["language_model.model." + name[len("model.language_model."):]] = sd.pop(name)
+    out["language_model.lm_head.weight"] = sd.pop("lm_head.weight")
+    assert not sd, f"unconverted: {sorted(sd)}"
+    rope = tc.rope_parameters
+    llm_config = {
+        "architectures": ["InternLM3ForCausalLM"],
+        "model_type": "internlm3",
+        "hidden_size": tc.hidden_size,
+        "num_hidden_layers": tc.num_hidden_layers,
+        "num_attention_heads": tc.num_attention_heads,
+        "num_key_value_heads": tc.num_key_value_heads,
+        "head_dim": tc.head_dim,
+        "intermediate_size": tc.intermediate_size,
+        "vocab_size": tc.vocab_size,
+        "rms_norm_eps": tc.rms_norm_eps,
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": {"rope_type": "dynamic", "factor": rope["factor"]},
+        "max_position_embeddings": tc.max_position_embeddings,
+        "hidden_act": "silu",
+        "qkv_bias": False,
+        "bias": False,
+        "tie_word_embeddings": False,
+    }
+    _write_remote(out_dir, out, llm_config, cfg.vision_config)
+
+
+def _write_remote(out_dir, out: dict, llm_config: dict, vc) -> None:
+    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True)
@@ -172,22 +239,7 @@ def write_remote_internlm2(src_dir, out_dir, model) -> None:
         "select_layer": -1,
         "template": "internvl2_5",
         "torch_dtype": "float32",
-        "llm_config": {
-            "architectures": ["InternLM2ForCausalLM"],
-            "model_type": "internlm2",
-            "hidden_size": tc.hidden_size,
-            "num_hidden_layers": tc.num_hidden_layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": groups,
-            "intermediate_size": tc.intermediate_size,
-            "vocab_size": tc.vocab_size,
-            "rms_norm_eps": tc.rms_norm_eps,
-            "rope_theta": 10000.0,
-            "max_position_embeddings": tc.max_position_embeddings,
-            "hidden_act": "silu",
-            "bias": False,
-            "tie_word_embeddings": False,
-        },
+        "llm_config": llm_config,
         "vision_config": {
             "model_type": "intern_vit_6b",
             "hidden_size": vc.hidden_size,

@@ -112,3 +112,18 @@ def test_cli_reports_user_errors_in_one_line(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "model_type='bert'" in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("key", ["qkv_bias", "bias"])
+def test_internlm3_with_biases_is_refused(tiny, tmp_path, key):
+    hf = _copy(tiny, tmp_path, "internlm3-remote")
+    _edit_config(hf, lambda cfg: cfg["llm_config"].update({key: True}))
+    with pytest.raises(ConversionError, match=rf"llm_config\.{key}=True is not supported"):
+        plan(hf, 1, 1)
+
+
+def test_rope_scaling_other_than_dynamic_is_refused(tiny, tmp_path):
+    hf = _copy(tiny, tmp_path, "internlm3-remote")
+    _edit_config(hf, lambda cfg: cfg["llm_config"].update(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ConversionError, match=r"llm_config\.rope_scaling='yarn'"):
+        plan(hf, 1, 1)

@@ -38,6 +38,8 @@ def parity(tiny, tmp_path_factory):
     job("vit6b", "qwen2-vit6b", (2, 1, None), [(2, 1), (1, 1)])
     job("llama", "llama", (2, 1, None), [(2, 1)])
     job("internlm2", "internlm2-remote", (1, 2, None), [(2, 1)])
+    job("internlm3", "internlm3", (2, 1, None), [(2, 1), (1, 2)])
+    job("internlm3-remote", "internlm3-remote", (1, 2, None), [(2, 1)])
     results = {}
     for rank_result in run_ranks(import_and_forward, 4, jobs, tiny.batches, timeout=400):
         results.update(rank_result)
@@ -75,3 +77,13 @@ def test_internlm2_remote_code_equals_transformers_llama(parity, tiny):
     for batch in llama:
         # Same weights through two key layouts -> the same checkpoint, so the same numbers.
         assert rel_l2(internlm2[batch], llama[batch]) <= 1e-6, batch
+
+
+def test_internlm3_matches_transformers_in_both_formats(parity, tiny):
+    """InternVL3-9B's LLM: transformers' own InternLM3 (its Llama implementation, dynamic NTK rope
+    config) is the reference; the remote-code layout of the same weights gives the same numbers."""
+    ref = tiny.refs["internlm3"]
+    _check(parity[("internlm3", "TP=2 PP=1")], ref, "InternLM3 at TP=2")
+    _check(parity[("internlm3", "TP=1 PP=2")], ref, "InternLM3 saved at TP=2, loaded at PP=2")
+    remote = parity[("internlm3-remote", "TP=2 PP=1")]
+    _check(remote, ref, "remote-code InternLM3 saved at PP=2, loaded at TP=2")

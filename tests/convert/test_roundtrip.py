@@ -112,6 +112,36 @@ def test_remote_code_internlm2_roundtrip(tiny, tmp_path):
         assert (hf_out / name).read_bytes() == (src / name).read_bytes(), name
 
 
+def test_internlm3_roundtrips_and_crosses_formats(tiny, tmp_path):
+    """InternLM3 (InternVL3-9B): the remote-code checkpoint comes back bitwise with its own config
+    (rope scaling included); exported in the transformers format instead, transformers loads it
+    with nothing missing and computes the reference logits."""
+    src = tiny.dirs["internlm3-remote"]
+    ckpt = tmp_path / "ckpt"
+    _run(CONVERT + ["import", "--hf-dir", src, "--out", ckpt, "--tp", "2"])
+    saved = yaml_model(ckpt)["language"]
+    assert saved["arch"] == "internlm3" and saved["qkv_bias"] is False
+    assert saved["rope_theta"] == 50000.0 and saved["rope_dynamic_factor"] == 6.0
+    remote, native = tmp_path / "remote", tmp_path / "native"
+    _run(CONVERT + ["export", "--ckpt", ckpt, "--out", remote, "--format", "remote-code"])
+    _assert_bitwise(src, remote)
+    assert json.loads((remote / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+
+    _run(CONVERT + ["export", "--ckpt", ckpt, "--out", native, "--format", "transformers"])
+    _assert_bitwise(tiny.dirs["internlm3"], native)
+    text = json.loads((native / "config.json").read_text())["text_config"]
+    assert text["model_type"] == "internlm3"
+    assert text["rope_parameters"] == {"rope_theta": 50000.0, "rope_type": "dynamic", "factor": 6.0}
+    from transformers import InternVLForConditionalGeneration
+
+    model, info = InternVLForConditionalGeneration.from_pretrained(native, output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(model.model.language_model).__name__ == "LlamaModel"
+    with torch.no_grad():
+        for name, batch in tiny.batches.items():
+            assert torch.equal(model.eval()(**batch).logits, tiny.refs["internlm3"][name]), name
+
+
 def yaml_model(ckpt):
     import yaml
 

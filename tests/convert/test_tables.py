@@ -46,7 +46,7 @@ def test_every_hf_tensor_is_mapped_once(tiny):
     from megatron_internvl.convert.safetensors_io import SafetensorsReader
     from megatron_internvl.convert.tables import HF_ALIASES
 
-    for name in ("qwen2", "qwen2-vit6b", "llama", "internlm2-remote"):
+    for name in ("qwen2", "qwen2-vit6b", "llama", "internlm2-remote", "internlm3", "internlm3-remote"):
         _, _, mapping = plan(tiny.dirs[name], 1, 1)
         names = mapping.hf_names()
         assert len(names) == len(set(names)), name
