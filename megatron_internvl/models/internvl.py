@@ -124,12 +124,12 @@ class InternVLModel(MegatronModule):
             p.requires_grad for p in self.projector.parameters()
         )
 
-    def _spliced_embeddings(self, input_ids, pixel_values):
+    def _spliced_embeddings(self, input_ids, pixel_values, image_slots=None):
         embeddings = self.language_model.embed(input_ids)  # [S, B, H], complete on every rank
         is_image = input_ids == self.image_token_id  # [B, S]
         num_slots = int(is_image.sum())
         tiles = 0 if pixel_values is None else int(pixel_values.shape[0])
-        expected = tiles * self._num_image_token
+        expected = tiles * self._num_image_token if image_slots is None else int(image_slots.numel())
         if num_slots != expected:
             raise ValueError(
                 f"the micro-batch has {num_slots} <IMG_CONTEXT> tokens (id {self.image_token_id}) "
@@ -138,6 +138,8 @@ class InternVLModel(MegatronModule):
             )
         if tiles:
             features = self.image_features(pixel_values)
+            if image_slots is not None:  # several token runs read the same tiles (preference pairs)
+                features = features[image_slots]
         elif self.training and torch.is_grad_enabled() and self._vision_trainable():
             blank = torch.zeros(1, 3, self.image_size, self.image_size,
                                 dtype=self.vision_model.embeddings.patch_embedding.weight.dtype,
@@ -157,6 +159,7 @@ class InternVLModel(MegatronModule):
         packed_seq_params=None,
         attention_mask=None,
         output_hidden: bool = False,
+        image_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Vocab-parallel logits [S, B, padded_vocab/TP] on the last stage (padding at -inf),
         hidden states [S(/TP with SP), B, H] elsewhere.
@@ -164,10 +167,12 @@ class InternVLModel(MegatronModule):
         input_ids [B, S]; position_ids [B, S] float (V2PE allowed); pixel_values [tiles, 3, H, W]
         (first stage only; None or 0 tiles for text); packed_seq_params: THD with cu_seqlens.
         ``output_hidden``: the last stage returns final-norm hidden states, not logits.
+        ``image_slots`` [image tokens]: the feature row each ``<IMG_CONTEXT>`` token takes, in
+        token order (default: one row per token, tile-major).
         """
         decoder_input = None
         if self.pre_process:
-            decoder_input = self._spliced_embeddings(input_ids, pixel_values)
+            decoder_input = self._spliced_embeddings(input_ids, pixel_values, image_slots)
         return self.language_model(
             input_ids, position_ids, decoder_input=decoder_input,
             packed_seq_params=packed_seq_params, attention_mask=attention_mask,

@@ -53,17 +53,24 @@ def projector_forward_flops(model, tiles: int) -> float:
     return 2.0 * tokens * (d_in * h + h * h)
 
 
-def step_flops(model, shapes: StepShapes, trainable: dict) -> float:
-    """Training FLOPs of one step (forward + backward) for the given shapes."""
+def component_flops(model, shapes: StepShapes, trainable: dict) -> dict:
+    """Training FLOPs of one step per component (vision, projector, language). The ViT and the
+    projector count each tile once: a preference pair's two responses share its tiles."""
     vit_mult = 3 if trainable["vision"] else 1
     proj_mult = 3 if trainable["projector"] else (2 if trainable["vision"] else 1)
     upstream = trainable["vision"] or trainable["projector"]
     llm_mult = 3 if trainable["language"] else (2 if upstream else 1)
-    return (
-        vit_mult * vit_forward_flops(model.vision, shapes.tiles)
-        + proj_mult * projector_forward_flops(model, shapes.tiles)
-        + llm_mult * llm_forward_flops(model.language, shapes.sample_lengths)
-    )
+    return {
+        "vision": vit_mult * vit_forward_flops(model.vision, shapes.tiles),
+        "projector": proj_mult * projector_forward_flops(model, shapes.tiles),
+        "language": llm_mult * llm_forward_flops(model.language, shapes.sample_lengths),
+    }
+
+
+def step_flops(model, shapes: StepShapes, trainable: dict) -> float:
+    """Training FLOPs of one step (forward + backward) for the given shapes."""
+    parts = component_flops(model, shapes, trainable)
+    return parts["vision"] + parts["projector"] + parts["language"]
 
 
 # Dense BF16 tensor-core peaks (TFLOP/s) per device, for MFU.

@@ -194,6 +194,15 @@ def run(config: Config, recipe=None, overrides=()) -> int:
             n = ckpt.load_component(chunks, path, prefixes)
             logger.info("initialised %s from %s (%d tensors)", "/".join(prefixes), path, n)
     ddp, optimizer, scheduler = build_optimizer(config, chunks)
+    mpo = None
+    if t.stage == "mpo":
+        from megatron_internvl.data.preference import open_preference_sources
+
+        from .mpo import MpoObjective
+        from .mpo_reference import build_reference
+
+        specs, _ = open_preference_sources(config.data)
+        mpo = MpoObjective(config.mpo, build_reference(config, specs, ddp[0].config.variable_seq_lengths))
 
     manager = ckpt.CheckpointManager(save_dir, config.checkpoint.keep_last, config.checkpoint.async_save)
     start_step, data_state = 0, None
@@ -207,6 +216,8 @@ def run(config: Config, recipe=None, overrides=()) -> int:
                                             data_state_wanted=not finetune, finetune=finetune)
         start_step = state["step"]
         data_state = state.get("data_state")
+        if mpo is not None and not finetune and "mpo" in state:
+            mpo.load_state_dict(state["mpo"])
         if rank0:
             logger.info("resumed from %s at step %d%s", source, start_step, " (weights only)" if finetune else "")
 
@@ -219,6 +230,11 @@ def run(config: Config, recipe=None, overrides=()) -> int:
             if data_state is not None:
                 loader.load_state_dict(data_state)
             return loader
+        if mpo is not None:
+            from megatron_internvl.data.preference import build_preference_loader
+
+            return build_preference_loader(config.data, tokenizer, dp_rank, dp, state=data_state,
+                                           sft_reduction=config.mpo.sft_reduction)
         return build_data_loader(config.data, tokenizer, dp_rank, dp, state=data_state)
 
     loader = BroadcastLoader(read)
@@ -230,6 +246,9 @@ def run(config: Config, recipe=None, overrides=()) -> int:
     stop = StopRequest(t.time_limit_minutes)
     nonfinite_in_row, loss_avg = 0, None
     save_every = config.checkpoint.save_interval
+
+    def saved_common():
+        return {"config": config_to_dict(config), **({"mpo": mpo.state_dict()} if mpo is not None else {})}
     step = start_step
     exit_code = 0
     finished = False
@@ -241,7 +260,7 @@ def run(config: Config, recipe=None, overrides=()) -> int:
             batches = [next(loader) for _ in range(n_micro)]
             result = train_step(ddp, optimizer, scheduler, batches, dtype=dtype,
                                 num_datasets=num_datasets, inject_nan=(step + 1) in t.inject_nan_steps,
-                                fused_loss=config.model.fused_loss)
+                                fused_loss=config.model.fused_loss, mpo=mpo)
             step += 1
             elapsed = time.monotonic() - t0
             if not result.updated:
@@ -258,8 +277,10 @@ def run(config: Config, recipe=None, overrides=()) -> int:
                 if loss_avg is not None and result.loss > t.loss_spike_factor * loss_avg:
                     metrics.event(step, loss_spike=result.loss, running_mean=loss_avg)
                 loss_avg = result.loss if loss_avg is None else 0.9 * loss_avg + 0.1 * result.loss
-            flops = torch.tensor([step_flops(config.model, result.shapes, trainable)], dtype=torch.float64,
-                                 device=distributed.compute_device())
+            flops = step_flops(config.model, result.shapes, trainable)
+            if mpo is not None and config.mpo.reference == "model":  # + the reference's forward pass
+                flops += step_flops(config.model, result.shapes, dict.fromkeys(trainable, False))
+            flops = torch.tensor([flops], dtype=torch.float64, device=distributed.compute_device())
             torch.distributed.all_reduce(flops, group=ps.get_data_parallel_group(with_context_parallel=True))
             tflops_per_gpu = float(flops) / elapsed / world / 1e12
             if step % t.log_interval == 0 or step == t.train_steps:
@@ -271,19 +292,20 @@ def run(config: Config, recipe=None, overrides=()) -> int:
                     "tokens": result.tokens, "tiles": result.tiles,
                     "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
                     "dataset_loss": {loader.dataset_names[i]: v for i, v in result.dataset_loss.items()},
+                    **({"mpo": result.mpo} if mpo is not None else {}),
                 })
             reason = stop.should_stop()
             if not reason and t.exit_interval and step % t.exit_interval == 0 and step < t.train_steps:
                 reason = f"training.exit_interval={t.exit_interval}"
             if reason:
                 manager.save(step, ddp, optimizer, scheduler, data_state=loader.state_dict(),
-                             common={"config": config_to_dict(config)})
+                             common=saved_common())
                 metrics.event(step, stopped=reason, exit_code=EXIT_REQUEUE)
                 exit_code = EXIT_REQUEUE
                 break
             if (save_every and step % save_every == 0) or step == t.train_steps:
                 manager.save(step, ddp, optimizer, scheduler, data_state=loader.state_dict(),
-                             common={"config": config_to_dict(config)})
+                             common=saved_common())
         finished = True
     finally:
         # Every rank reaches here together after a normal end, a stop request or TrainingAborted

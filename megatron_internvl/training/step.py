@@ -31,6 +31,7 @@ class StepResult:
     tiles: int
     dataset_loss: dict = field(default_factory=dict)
     shapes: StepShapes | None = None
+    mpo: dict = field(default_factory=dict)  # MPO terms, rewards, delta (training/mpo.py)
 
 
 def packed_seq_params(batch) -> PackedSeqParams:
@@ -68,11 +69,13 @@ def _grads_finite(chunks) -> bool:
 
 
 def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: int,
-               inject_nan: bool = False, fused_loss: bool = False) -> StepResult:
+               inject_nan: bool = False, fused_loss: bool = False, mpo=None) -> StepResult:
     """Forward/backward over this rank's micro-batches, then one optimizer step.
 
     ``fused_loss``: the last stage hands its hidden states to the fused output-layer loss
-    instead of materialising the logits (same loss, see :mod:`.loss`)."""
+    instead of materialising the logits (same loss, see :mod:`.loss`).
+    ``mpo``: a :class:`.mpo.MpoObjective`: preference pairs, the MPO loss over the global batch's
+    pairs (its reference log-probs are fetched first, a forward-only pass in ``model`` mode)."""
     n_micro = len(batches)
     device = compute_device()
     batches = [to_device(b, device) for b in batches]
@@ -80,13 +83,21 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
     total_w = float(global_weight_sum(local_w))
     scale = backward_scale(n_micro)
     data = iter(batches)
+    if mpo is not None:
+        total_pairs = float(global_weight_sum(torch.tensor(float(sum(int(b["num_pairs"]) for b in batches)),
+                                                           device=device)))
+        mpo.prepare(batches)
 
     def forward_step(data_iterator, model):
         b = next(data_iterator)
         pixels = b["pixel_values"]
         pixels = pixels.to(dtype) if pixels.numel() else pixels
         out = model(b["input_ids"], b["position_ids"], pixel_values=pixels,
-                    packed_seq_params=packed_seq_params(b), output_hidden=fused_loss)
+                    packed_seq_params=packed_seq_params(b), output_hidden=fused_loss or mpo is not None,
+                    image_slots=b.get("image_slots"))
+        if mpo is not None:
+            return out, mpo.loss_func(model, b, total_w=total_w, total_pairs=total_pairs, scale=scale,
+                                      num_datasets=num_datasets)
 
         def loss_func(output):
             if fused_loss:
@@ -138,6 +149,7 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
             stats.zero_()
     torch.distributed.all_reduce(stats)
     loss = float(stats[0])
+    mpo_stats = mpo.reduce(outputs, total_pairs, device) if mpo is not None else {}
 
     finite = math.isfinite(loss) and _grads_finite(chunks)
     grad_norm = None
@@ -159,4 +171,4 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
                         tiles=sum(int(b["pixel_values"].shape[0]) for b in batches))
     return StepResult(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm),
                       updated=finite, tokens=int(tokens[0]), tiles=int(tokens[1]),
-                      dataset_loss=ds_loss, shapes=shapes)
+                      dataset_loss=ds_loss, shapes=shapes, mpo=mpo_stats)
