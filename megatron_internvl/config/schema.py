@@ -35,11 +35,14 @@ class VisionConfig:
     drop_path_rate: float = 0.0
 
 
+LANGUAGE_ARCHS = ("qwen2", "internlm2", "internlm3", "llama")
+
+
 @dataclass
 class LanguageConfig:
     """The LLM. Defaults: Qwen2.5-0.5B (InternVL2.5/3-1B)."""
 
-    arch: str = "qwen2"  # qwen2 | internlm2 | llama
+    arch: str = "qwen2"  # qwen2 | internlm2 | internlm3 | llama
     hidden_size: int = 896
     num_layers: int = 24
     num_heads: int = 14
@@ -47,6 +50,10 @@ class LanguageConfig:
     ffn_hidden_size: int = 4864
     vocab_size: int = 151674
     rope_theta: float = 1_000_000.0
+    # Dynamic NTK rope scaling factor of the HF config (InternLM3: 6.0); 0: none. It changes no
+    # position below max_position_embeddings, which is all a packed sample uses here; it is kept
+    # so that a conversion writes it back.
+    rope_dynamic_factor: float = 0.0
     norm_eps: float = 1e-6
     qkv_bias: bool = True
     max_position_embeddings: int = 32768
@@ -71,9 +78,18 @@ class ModelConfig:
     def validate(self) -> None:
         if self.vision.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"model.vision.norm={self.vision.norm!r}: use 'layernorm' or 'rmsnorm'")
-        if self.language.arch not in ("qwen2", "internlm2", "llama"):
+        if self.language.arch not in LANGUAGE_ARCHS:
             raise ConfigError(
-                f"model.language.arch={self.language.arch!r}: use 'qwen2', 'internlm2' or 'llama'"
+                f"model.language.arch={self.language.arch!r}: use one of {', '.join(LANGUAGE_ARCHS)}"
+            )
+        if self.language.arch == "internlm3" and self.language.qkv_bias:
+            raise ConfigError(
+                "model.language.qkv_bias=true: InternLM3 has no attention biases; set it to false"
+            )
+        if self.language.rope_dynamic_factor and self.language.rope_dynamic_factor < 1.0:
+            raise ConfigError(
+                f"model.language.rope_dynamic_factor={self.language.rope_dynamic_factor}: use 0 "
+                f"(no scaling) or a factor >= 1"
             )
         if self.spec not in ("auto", "te", "local"):
             raise ConfigError(f"model.spec={self.spec!r}: use 'auto', 'te' or 'local'")
