@@ -358,12 +358,14 @@ class CheckpointManager:
 
         Returns the checkpoint's common state plus ``data_state`` when it could be restored
         (same data-parallel layout). RNG is restored only under the same layout."""
-        common = CheckpointManager.read_common(path)
         state = _model_state(chunks)
         if finetune:
+            # Weights only: also what a converter checkpoint (`convert import`) holds, which has
+            # no common training state to read.
             loaded = dist_checkpointing.load(state, str(path))
             _load_models(chunks, loaded)
             return {"step": 0}
+        common = CheckpointManager.read_common(path)
         same_layout = common["layout"] == _layout()
         same_dp = common["layout"]["dp"] == _layout()["dp"]
         if data_state_wanted and not same_dp:
