@@ -144,6 +144,11 @@ class PackedSample:
     def tiles(self) -> int:
         return int(self.pixel_values.shape[0])
 
+    @property
+    def sample_lengths(self) -> tuple:
+        """LLM sequences in this unit (attention runs within each): one for a sample."""
+        return (self.num_tokens,)
+
 
 def padded_length(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple

@@ -1,0 +1,194 @@
+"""Balanced global batches: a step's packs planned from sample metadata, then dealt to ranks.
+
+A synchronous step is as slow as its slowest data-parallel rank, and equal token counts are not
+equal compute: the ViT cost follows the tiles, attention the sum of squared sample lengths. The
+planner sees only what is cheap to know without decoding pixels, a `Unit` per packable sample
+(tokens after templating, tiles from the image headers, the lengths of the LLM sequences inside
+it), and works in two stages:
+
+1. **Form** the step's `G` packs (G = packs per optimizer step over all ranks, fixed by the
+   config, not by the DP size) from a pool of units: the units carried over from the previous
+   step plus new ones in global order until the pool holds `G + lookahead` packs' worth of
+   tokens. Units carried for `FORCE_AGE` steps go first, then the rest by their cost beyond the
+   per-token part (tiles, squared lengths), largest first, each into the pack with the least
+   such cost that still fits both budgets (tokens, tiles): longest-processing-time list
+   scheduling under two capacities, where the short text units that come last fill the packs'
+   remaining tokens. What does not fit is carried to the next step. The result depends on
+   (data, seed, step) only.
+2. **Deal** the G packs to (DP rank, micro-batch): largest first to the rank with the smallest
+   total that still has a free micro-batch. Only this stage sees the DP size, so the global batch
+   of a step is the same at any DP size, and each rank decodes only its own packs.
+
+Costs come from the project's FLOPs counter (`training/flops.py`) for the configured model: LLM
+linear layers and logits per token, causal attention per squared sequence length, ViT and
+projector per tile. With `balance: tokens` the cost of a unit is its token count; `balance: none`
+keeps the streaming two-budget packer and deals packs round-robin (the former global batches).
+
+A `Unit` is generic: a conversation, a piece of a split document, or any other unit a dataset
+yields (an MPO preference pair is one unit of two sequences, `lengths=(chosen, rejected)`).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+BALANCE_MODES = ("none", "tokens", "compute")
+
+# A unit carried this many steps is placed before every other unit of the pool.
+FORCE_AGE = 2
+
+
+def lookahead_packs(packs_per_step: int, buffer_size: int) -> int:
+    """Packs' worth of tokens the pool holds beyond the step's own: choice for the small units
+    that fill the last room of each pack (`data.pack_buffer_size`, at least an eighth of G)."""
+    return max(buffer_size, packs_per_step // 8)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One packable unit: its key, LLM tokens, ViT tiles and the lengths of its sequences."""
+
+    key: tuple
+    tokens: int
+    tiles: int
+    lengths: tuple = ()
+
+    @property
+    def sequence_lengths(self) -> tuple:
+        return self.lengths or (self.tokens,)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Estimated training FLOPs: per token + per squared sequence length + per tile."""
+
+    per_token: float
+    per_square: float = 0.0
+    per_tile: float = 0.0
+
+    @classmethod
+    def tokens(cls) -> "CostModel":
+        return cls(1.0)
+
+    @classmethod
+    def for_model(cls, model, trainable: Optional[dict] = None) -> "CostModel":
+        """From `training.flops.step_flops`, which is linear in tiles and quadratic in lengths."""
+        from megatron_internvl.training.flops import StepShapes, step_flops
+
+        tr = trainable or {"vision": True, "projector": True, "language": True}
+        one = step_flops(model, StepShapes([1], 0), tr)
+        two = step_flops(model, StepShapes([2], 0), tr)
+        per_square = (two - 2 * one) / 2
+        per_tile = step_flops(model, StepShapes([], 1), tr) - step_flops(model, StepShapes([], 0), tr)
+        return cls(one - per_square, per_square, per_tile)
+
+    def of(self, u: Unit) -> float:
+        sq = sum(float(n) * n for n in u.sequence_lengths)
+        return self.per_token * u.tokens + self.per_square * sq + self.per_tile * u.tiles
+
+    def of_units(self, units: Sequence[Unit]) -> float:
+        return sum(self.of(u) for u in units)
+
+
+def default_cost(balance: str) -> Optional[CostModel]:
+    """The cost when the caller names no model: the schema's default model for `compute`."""
+    if balance == "tokens":
+        return CostModel.tokens()
+    if balance == "compute":
+        from megatron_internvl.config.schema import ModelConfig
+
+        return CostModel.for_model(ModelConfig())
+    return None
+
+
+def form_packs(pool: Sequence[Unit], num_packs: int, max_tokens: int, max_tiles: int,
+               cost: CostModel, forced: int = 0) -> tuple[list[list[int]], list[int]]:
+    """Place pool units into `num_packs` packs of near-equal cost under both budgets.
+
+    Nearly every pack ends up full of tokens, so what must be spread evenly is the cost beyond
+    the per-token part (ViT tiles, attention's squared lengths): units are placed by that
+    excess, largest first, each into the pack with the smallest excess that fits both budgets;
+    the small units that come last fill the packs' remaining tokens. Under `balance: tokens`
+    there is no excess and units go by tokens. The first `forced` units of `pool` are placed
+    first, in their order. Returns the packs (lists of pool positions) and the positions left
+    over. Deterministic: ties go to the lower pack
+    number / earlier position.
+    """
+    n = len(pool)
+    G = num_packs
+    tok = np.fromiter((u.tokens for u in pool), dtype=np.int64, count=n)
+    til = np.fromiter((u.tiles for u in pool), dtype=np.int64, count=n)
+    cst = np.fromiter((cost.of(u) for u in pool), dtype=np.float64, count=n)
+    key = cst - cost.per_token * tok if (cost.per_square or cost.per_tile) else cst
+    rest = np.arange(forced, n)
+    order = np.concatenate([np.arange(forced), rest[np.argsort(-key[forced:], kind="stable")]])
+    # min tokens among the units not yet considered: packs with less room are closed for good
+    suffix_min = np.minimum.accumulate(tok[order][::-1])[::-1] if n else tok
+    pack_key = np.zeros(G)
+    room_tok = np.full(G, max_tokens, dtype=np.int64)
+    room_til = np.full(G, max_tiles, dtype=np.int64)
+    packs: list[list[int]] = [[] for _ in range(G)]
+    heap = [(0.0, b) for b in range(G)]
+    left: list[int] = []
+    for pos, i in enumerate(order):
+        t, v = tok[i], til[i]
+        b = -1
+        # fast path: the pack with the smallest key (lazy heap; stale or closed entries dropped)
+        while heap:
+            c, cand = heap[0]
+            if c != pack_key[cand] or room_tok[cand] < suffix_min[pos]:
+                heapq.heappop(heap)
+                continue
+            if room_tok[cand] >= t and room_til[cand] >= v:
+                b = cand
+                heapq.heappop(heap)
+            break
+        if b < 0:
+            fits = (room_tok >= t) & (room_til >= v)
+            if not fits.any():
+                left.append(int(i))
+                continue
+            b = int(np.argmin(np.where(fits, pack_key, np.inf)))
+        packs[b].append(int(i))
+        pack_key[b] += key[i]
+        room_tok[b] -= t
+        room_til[b] -= v
+        heapq.heappush(heap, (pack_key[b], b))
+    return packs, sorted(left)
+
+
+def deal(pack_costs: Sequence[float], dp_size: int, balanced: bool) -> list[list[int]]:
+    """Pack numbers for each DP rank, in micro-batch order.
+
+    Round-robin (pack m * dp + r is micro-batch m of rank r) when not `balanced`; otherwise
+    largest pack first to the rank with the smallest total that has a free micro-batch (each rank
+    gets len / dp packs, or one more while packs remain in a short final step).
+    """
+    G = len(pack_costs)
+    if not balanced:
+        return [list(range(r, G, dp_size)) for r in range(dp_size)]
+    per_rank = -(-G // dp_size)
+    total = [0.0] * dp_size
+    ranks: list[list[int]] = [[] for _ in range(dp_size)]
+    heap = [(0.0, r) for r in range(dp_size)]
+    for p in sorted(range(G), key=lambda k: (-pack_costs[k], k)):
+        while True:
+            c, r = heapq.heappop(heap)
+            if len(ranks[r]) < per_rank:
+                break
+        ranks[r].append(p)
+        total[r] = c + pack_costs[p]
+        if len(ranks[r]) < per_rank:
+            heapq.heappush(heap, (total[r], r))
+    return [sorted(x) for x in ranks]
+
+
+def imbalance(costs: Sequence[float]) -> float:
+    """max / mean of non-negative costs (1.0 is perfect balance)."""
+    c = np.asarray(costs, dtype=np.float64)
+    m = c.mean() if c.size else 0.0
+    return float(c.max() / m) if m > 0 else 1.0
