@@ -114,26 +114,26 @@ def loss_bytes(model, parallel, tokens: int) -> float:
     return tokens * rows * LOGITS_BYTES_PER_ENTRY
 
 
-def interleaved_warmup(stage: int, pp: int, vpp: int, microbatches: int) -> int:
-    """Forward passes megatron's interleaved schedule runs on ``stage`` before its first
-    backward (plus the one in flight): chunk-micro-batches held at the peak."""
-    warmup = (pp - stage - 1) * 2 + (vpp - 1) * pp
-    return min(warmup + 1, microbatches * vpp)
-
-
 def in_flight(stage: int, pp: int, vpp: int, microbatches: int) -> tuple[float, int]:
-    """(stage micro-batches of LLM activations held at the peak, micro-batches of chunk 0 --
-    the ViT's -- held). 1F1B: stage s keeps pp - s micro-batches; interleaved: the warm-up
-    forwards, each over 1/vpp of the stage's layers."""
+    """(stage micro-batches of LLM activations held at the peak, micro-batches of model chunk 0
+    -- the ViT's -- held), from megatron's own schedule arithmetic: the warm-up forwards run
+    before the first backward, plus the one in flight. 1F1B: stage s holds pp - s micro-batches;
+    interleaved: each forward covers 1/vpp of the stage's layers."""
     if pp == 1:
         return 1.0, 1
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches, get_schedule_table
+
+    group = SimpleNamespace(size=lambda: pp, rank=lambda: stage)
+    comm = SimpleNamespace(pp_group=group, virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
+    total, all_warmup, warmup, _ = get_pp_rank_microbatches(microbatches, vpp, pp, p2p_communicator=comm)
+    held = total if all_warmup else warmup + 1
     if vpp == 1:
-        n = min(pp - stage, microbatches)
-        return float(n), n
-    total = interleaved_warmup(stage, pp, vpp, microbatches)
-    # megatron's forward order: groups of pp micro-batches per model chunk, chunk after chunk.
-    chunk0 = sum(1 for k in range(total) if (k // pp) % vpp == 0)
-    return total / vpp, chunk0
+        return float(held), held
+    order = get_schedule_table(microbatches, vpp, pp)  # (micro-batch, model chunk) per forward
+    chunk0 = sum(1 for _, chunk in order[:held] if chunk == 0)
+    return held / vpp, chunk0
 
 
 @dataclass
