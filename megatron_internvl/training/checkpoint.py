@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_internvl.convert.checkpoint import HF_SUBDIR, copy_hf_files
+
 
 def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -136,12 +138,17 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _per_rank_objects(data_state, with_rng: bool) -> dict:
+def _per_rank_objects(data_state, with_rng: bool, data_global: bool = False) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     out = {}
-    if data_state is not None:
+    if data_state is not None and data_global:
+        # The planned loader's state is the position in the global plan, the same on every rank:
+        # one object (global rank 0's), loadable at any DP size.
+        out["data_state"] = ShardedObject("data_plan", data_state, (1,), (0,),
+                                          replica_id=torch.distributed.get_rank())
+    elif data_state is not None:
         tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         replica = tp + ps.get_tensor_model_parallel_world_size() * (
             pp + ps.get_pipeline_model_parallel_world_size() * ps.get_context_parallel_rank())
@@ -231,11 +238,16 @@ def saved_model_config(path: Path) -> dict | None:
 class CheckpointManager:
     """``save_dir/iter_0000010/`` directories plus a ``latest`` marker, newest ``keep_last`` kept."""
 
-    def __init__(self, save_dir: str | os.PathLike, keep_last: int = 3, async_save: bool = False):
+    def __init__(self, save_dir: str | os.PathLike, keep_last: int = 3, async_save: bool = False,
+                 hf_files: Path | None = None):
         self.dir = Path(save_dir)
         self.keep_last = keep_last
         self.async_save = async_save
         self._async_queue = None
+        # The HF files (config.json, tokenizer, remote code) of the checkpoint this run started
+        # from, carried into every save so that `convert export` restores them; afterwards taken
+        # from the newest save (the starting checkpoint may be rotated away).
+        self.hf_files = hf_files if hf_files is not None and Path(hf_files).is_dir() else None
 
     @staticmethod
     def name(step: int) -> str:
@@ -263,7 +275,8 @@ class CheckpointManager:
             logger.warning("checkpoint %s is unusable (%s); trying the previous one", path, problem)
         return None
 
-    def save(self, step: int, chunks, optimizer, scheduler, *, data_state=None, common=None) -> Path:
+    def save(self, step: int, chunks, optimizer, scheduler, *, data_state=None, common=None,
+             data_global: bool = False) -> Path:
         """Write ``iter_<step>`` (all ranks). With ``async_save`` the tensors are written by a
         background process and the checkpoint is published by a later :meth:`poll` or
         :meth:`wait`; until then ``latest`` still names the previous one."""
@@ -277,8 +290,9 @@ class CheckpointManager:
         _barrier()
         state = _model_state(chunks)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=_OPTIM_METADATA)
-        state.update(_per_rank_objects(data_state, with_rng=True))
+        state.update(_per_rank_objects(data_state, with_rng=True, data_global=data_global))
         state["common"] = {"step": step, "scheduler": scheduler.state_dict(), "layout": _layout(),
+                           "data_global": data_global,
                            **(common or {})}
         model_cfg = (common or {}).get("config", {}).get("model")
         publish = functools.partial(self._publish, tmp, target, model_cfg, time.monotonic())
@@ -304,10 +318,14 @@ class CheckpointManager:
             from megatron_internvl.convert.checkpoint import MODEL_YAML
 
             (tmp / MODEL_YAML).write_text(yaml.safe_dump({"model": model_cfg}, sort_keys=False))
+        if self.hf_files is not None:
+            copy_hf_files(self.hf_files, tmp / HF_SUBDIR)
         _write_complete_marker(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+        if self.hf_files is not None:
+            self.hf_files = target / HF_SUBDIR
         marker_tmp = self.dir / (LATEST + ".tmp")
         marker_tmp.write_text(target.name)
         os.replace(marker_tmp, self.dir / LATEST)
@@ -353,11 +371,12 @@ class CheckpointManager:
 
     @staticmethod
     def load(path: Path, chunks, optimizer, scheduler, *, data_state_wanted: bool,
-             finetune: bool = False) -> dict:
+             finetune: bool = False, data_global: bool = False) -> dict:
         """Load into the chunks (and optimizer, scheduler, RNG unless ``finetune``).
 
-        Returns the checkpoint's common state plus ``data_state`` when it could be restored
-        (same data-parallel layout). RNG is restored only under the same layout."""
+        Returns the checkpoint's common state plus ``data_state``: a global one (``data_global``,
+        the planned loader) at any DP size, a per-rank one at the same DP size. RNG is restored
+        only under the same layout."""
         state = _model_state(chunks)
         if finetune:
             # Weights only: also what a converter checkpoint (`convert import`) holds, which has
@@ -368,7 +387,14 @@ class CheckpointManager:
         common = CheckpointManager.read_common(path)
         same_layout = common["layout"] == _layout()
         same_dp = common["layout"]["dp"] == _layout()["dp"]
-        if data_state_wanted and not same_dp:
+        saved_global = bool(common.get("data_global", False))
+        if data_state_wanted and saved_global != data_global:
+            raise CheckpointError(
+                f"{path} holds a {'global (data.shard_by=global)' if saved_global else 'per-rank'} data "
+                f"state but this run reads data {'globally' if data_global else 'per rank'}: resume with "
+                f"the checkpoint's data.shard_by, or set checkpoint.finetune=true to start a new data "
+                f"stream from these weights")
+        if data_state_wanted and not same_dp and not data_global:
             raise CheckpointError(
                 f"{path} was saved with data-parallel size {common['layout']['dp']} and this run has "
                 f"{_layout()['dp']}: the data stream can only resume exactly at the same DP size "
@@ -378,7 +404,8 @@ class CheckpointManager:
         _prime_optimizer_state(optimizer)
         _skip_torch_adam_step_on_load(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
-        state.update(_per_rank_objects({} if data_state_wanted else None, with_rng=same_layout))
+        state.update(_per_rank_objects({} if data_state_wanted else None, with_rng=same_layout,
+                                       data_global=saved_global))
         loaded = dist_checkpointing.load(state, str(path))
         _load_models(chunks, loaded)
         optimizer.load_state_dict(loaded["optimizer"])

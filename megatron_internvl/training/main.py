@@ -156,6 +156,12 @@ def _pad_multiple(config: Config) -> int:
     return math.lcm(need, config.data.pad_to_multiple)
 
 
+def _plan_stats(loader) -> dict:
+    """The planned loader's balance of this step (rank 0 reads data, so it has it)."""
+    stats = getattr(loader.inner, "step_stats", None)
+    return {f"plan_{k}": v for k, v in stats().items()} if stats is not None else {}
+
+
 def run(config: Config, recipe=None, overrides=()) -> int:
     from megatron.core import parallel_state as ps
 
@@ -204,8 +210,11 @@ def run(config: Config, recipe=None, overrides=()) -> int:
         specs, _ = open_preference_sources(config.data)
         mpo = MpoObjective(config.mpo, build_reference(config, specs, ddp[0].config.variable_seq_lengths))
 
-    manager = ckpt.CheckpointManager(save_dir, config.checkpoint.keep_last, config.checkpoint.async_save)
+    manager = ckpt.CheckpointManager(save_dir, config.checkpoint.keep_last, config.checkpoint.async_save,
+                                     hf_files=None if source is None else source / ckpt.HF_SUBDIR)
     start_step, data_state = 0, None
+    # The planned loader's (and the synthetic one's) state is global: resumable at any DP size.
+    data_global = synthetic or (mpo is None and config.data.shard_by == "global")
     if source is not None:
         # Weights only when asked, or when the checkpoint holds nothing else (converter output).
         finetune = config.checkpoint.finetune or not ckpt.is_training_checkpoint(source)
@@ -213,7 +222,8 @@ def run(config: Config, recipe=None, overrides=()) -> int:
         if saved_model is not None:
             ckpt.check_model_config_matches(saved_model, config_to_dict(config)["model"], source)
         state = ckpt.CheckpointManager.load(source, ddp, optimizer, scheduler,
-                                            data_state_wanted=not finetune, finetune=finetune)
+                                            data_state_wanted=not finetune, finetune=finetune,
+                                            data_global=data_global)
         start_step = state["step"]
         data_state = state.get("data_state")
         if mpo is not None and not finetune and "mpo" in state:
@@ -235,7 +245,11 @@ def run(config: Config, recipe=None, overrides=()) -> int:
 
             return build_preference_loader(config.data, tokenizer, dp_rank, dp, state=data_state,
                                            sft_reduction=config.mpo.sft_reduction)
-        return build_data_loader(config.data, tokenizer, dp_rank, dp, state=data_state)
+        from megatron_internvl.data.balance import CostModel
+
+        return build_data_loader(config.data, tokenizer, dp_rank, dp, state=data_state,
+                                 packs_per_step=t.global_batch_size // t.micro_batch_size,
+                                 cost=CostModel.for_model(config.model, trainable))
 
     loader = BroadcastLoader(read)
     n_micro = t.global_batch_size // (t.micro_batch_size * dp)
@@ -281,7 +295,13 @@ def run(config: Config, recipe=None, overrides=()) -> int:
             if mpo is not None and config.mpo.reference == "model":  # + the reference's forward pass
                 flops += step_flops(config.model, result.shapes, dict.fromkeys(trainable, False))
             flops = torch.tensor([flops], dtype=torch.float64, device=distributed.compute_device())
-            torch.distributed.all_reduce(flops, group=ps.get_data_parallel_group(with_context_parallel=True))
+            dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+            slowest = flops.clone()
+            torch.distributed.all_reduce(flops, group=dp_group)
+            # max / mean of the ranks' FLOPs: how long the others wait for the dearest rank
+            torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX, group=dp_group)
+            data_imbalance = (float(slowest) * torch.distributed.get_world_size(dp_group) / float(flops)
+                              if float(flops) > 0 else 1.0)
             tflops_per_gpu = float(flops) / elapsed / world / 1e12
             if step % t.log_interval == 0 or step == t.train_steps:
                 metrics.log({
@@ -292,6 +312,8 @@ def run(config: Config, recipe=None, overrides=()) -> int:
                     "tokens": result.tokens, "tiles": result.tiles,
                     "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
                     "dataset_loss": {loader.dataset_names[i]: v for i, v in result.dataset_loss.items()},
+                    "data_imbalance": data_imbalance,
+                    **_plan_stats(loader),
                     **({"mpo": result.mpo} if mpo is not None else {}),
                 })
             reason = stop.should_stop()
@@ -299,13 +321,13 @@ def run(config: Config, recipe=None, overrides=()) -> int:
                 reason = f"training.exit_interval={t.exit_interval}"
             if reason:
                 manager.save(step, ddp, optimizer, scheduler, data_state=loader.state_dict(),
-                             common=saved_common())
+                             common=saved_common(), data_global=data_global)
                 metrics.event(step, stopped=reason, exit_code=EXIT_REQUEUE)
                 exit_code = EXIT_REQUEUE
                 break
             if (save_every and step % save_every == 0) or step == t.train_steps:
                 manager.save(step, ddp, optimizer, scheduler, data_state=loader.state_dict(),
-                             common=saved_common())
+                             common=saved_common(), data_global=data_global)
         finished = True
     finally:
         # Every rank reaches here together after a normal end, a stop request or TrainingAborted
