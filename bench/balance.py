@@ -33,8 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_internvl.config.schema import LanguageConfig, ModelConfig, VisionConfig  # noqa: E402
-from megatron_internvl.data.balance import CostModel, Unit, deal, form_packs, imbalance, lookahead_packs  # noqa: E402
-from megatron_internvl.data.packing import TwoBudgetPacker  # noqa: E402
+from megatron_internvl.data.balance import CostModel, StepPlanner, Unit, deal, imbalance  # noqa: E402
 
 MAX_TOKENS, MAX_TILES, TOKENS_PER_TILE = 16384, 48, 256
 
@@ -83,37 +82,14 @@ def mixture(n: int, seed: int) -> list[Unit]:
     return out
 
 
-def plan_none(units, G, steps):
-    packer = TwoBudgetPacker(MAX_TOKENS, MAX_TILES, 64)
-    by_key = {u.key: u for u in units}
+def plan(units, G, steps, mode, cost):
+    """The loader's own planner (`StepPlanner`) over the units in order; CPU time per step."""
+    planner = StepPlanner(G, MAX_TOKENS, MAX_TILES, mode, cost if mode != "none" else None, 64)
     it = iter(units)
     for _ in range(steps):
         t0 = time.process_time()
-        packs = []
-        while len(packs) < G:
-            u = next(it)
-            keys = packer.add(u.key, u.tokens, u.tiles)
-            if keys is not None:
-                packs.append([by_key[k] for k in keys])
+        packs = planner.plan(lambda: [next(it)])
         yield packs, time.process_time() - t0
-
-
-def plan_compute(units, G, steps, cost):
-    it = iter(units)
-    carry: list[tuple[Unit, int]] = []
-    for _ in range(steps):
-        t0 = time.process_time()
-        pool = sorted(carry, key=lambda x: -x[1])
-        need = (G + lookahead_packs(G, 64)) * MAX_TOKENS
-        have = sum(u.tokens for u, _ in pool)
-        while have < need:
-            u = next(it)
-            pool.append((u, 0))
-            have += u.tokens
-        forced = sum(1 for _, a in pool if a >= 2)
-        bins, left = form_packs([u for u, _ in pool], G, MAX_TOKENS, MAX_TILES, cost, forced)
-        carry = [(pool[i][0], pool[i][1] + 1) for i in left]
-        yield [[pool[i][0] for i in b] for b in bins], time.process_time() - t0
 
 
 def measure(name, gen, cost, dp, flops_per_gpu_step_budget, balanced):
@@ -159,7 +135,7 @@ def main(argv=None) -> int:
                 [u.tokens for u in units[:20_000]])
             step_s = args.micro * mean_pack / (0.4 * 989e12)
             for mode in ("none", "compute"):
-                gen = plan_none(units, G, steps) if mode == "none" else plan_compute(units, G, steps, cost)
+                gen = plan(units, G, steps, mode, cost)
                 r = measure(mode, gen, cost, dp, step_s, balanced=mode != "none")
                 r.update(shape=shape, dp=dp, packs_per_step=G, steps=steps, step_budget_s=step_s)
                 rows.append(r)

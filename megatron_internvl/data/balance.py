@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+from .packing import TwoBudgetPacker
 
 BALANCE_MODES = ("none", "tokens", "compute")
 
@@ -159,6 +161,90 @@ def form_packs(pool: Sequence[Unit], num_packs: int, max_tokens: int, max_tiles:
         room_til[b] -= v
         heapq.heappush(heap, (pack_key[b], b))
     return packs, sorted(left)
+
+
+class StepPlanner:
+    """The plan's state: units not yet placed (with their age in steps), and for `balance: none`
+    the streaming packer's partial packs. `plan(read)` forms the next step's packs, pulling whole
+    samples' units from `read()` (None at the end of a finite stream). Nothing here depends on
+    the DP size."""
+
+    def __init__(self, packs_per_step: int, max_tokens: int, max_tiles: int, balance: str,
+                 cost: Optional[CostModel], buffer_size: int):
+        if balance not in BALANCE_MODES:
+            raise ValueError(f"balance={balance!r} is not one of {BALANCE_MODES}")
+        self.G, self.max_tokens, self.max_tiles = packs_per_step, max_tokens, max_tiles
+        self.balance, self.cost = balance, cost
+        self.lookahead = lookahead_packs(packs_per_step, buffer_size)
+        self.unplaced: list[list] = []      # [Unit, age]: carried units / pending pieces (none)
+        self.packer = TwoBudgetPacker(max_tokens, max_tiles, buffer_size)
+        self.live: dict[tuple, Unit] = {}    # units inside the packer's buffer (none)
+        self.exhausted = False
+
+    def plan(self, read: Callable[[], Optional[list]]) -> list[list[Unit]]:
+        """The next step's packs in plan order; fewer than G only at the end of a finite stream."""
+        if self.balance == "none":
+            return self._stream(read)
+        G = self.G
+        pool = sorted(self.unplaced, key=lambda x: -x[1])   # oldest first (stable)
+        need = (G + self.lookahead) * self.max_tokens
+        have = sum(u.tokens for u, _ in pool)
+        while have < need and not self.exhausted:
+            units = read()
+            if units is None:
+                self.exhausted = True
+                break
+            pool += [[u, 0] for u in units]
+            have += sum(u.tokens for u in units)
+        forced = len(pool) if self.exhausted else sum(1 for _, a in pool if a >= FORCE_AGE)
+        bins, left = form_packs([u for u, _ in pool], G, self.max_tokens, self.max_tiles, self.cost, forced)
+        self.unplaced = [[pool[i][0], pool[i][1] + 1] for i in left]
+        packs = [[pool[i][0] for i in b] for b in bins]
+        return [p for p in packs if p] if self.exhausted else packs
+
+    def _stream(self, read) -> list[list[Unit]]:
+        packs: list[list[Unit]] = []
+        while len(packs) < self.G:
+            if self.unplaced:
+                u = self.unplaced.pop(0)[0]
+                self.live[u.key] = u
+                keys = self.packer.add(u.key, u.tokens, u.tiles)
+                if keys is not None:
+                    packs.append([self.live.pop(k) for k in keys])
+                continue
+            units = None if self.exhausted else read()
+            if units is None:
+                self.exhausted = True
+                flushed = self.packer.flush()
+                room = self.G - len(packs)
+                packs += [[self.live.pop(k) for k in keys] for keys in flushed[:room]]
+                for keys in flushed[room:]:   # beyond this step: back in line
+                    self.unplaced += [[self.live.pop(k), 0] for k in keys]
+                break
+            self.unplaced = [[u, 0] for u in units]
+        return packs
+
+    def state_dict(self) -> dict:
+        return {"unplaced": [[list(u.key), age] for u, age in self.unplaced],
+                "packer": self.packer.state_dict(), "exhausted": self.exhausted}
+
+    def wanted_keys(self, state: dict) -> set:
+        """Keys whose units `load_state_dict` needs (the caller rebuilds them from metadata)."""
+        return {tuple(k) for k, _ in state["unplaced"]} | {
+            tuple(it) for p in state["packer"]["packs"] for it in p[3]}
+
+    def load_state_dict(self, state: dict, units: dict, saved_balance: str) -> None:
+        """Restore from a state saved under `saved_balance` (any mode converts: all of them are
+        units not yet placed)."""
+        unplaced = [(tuple(k), int(a)) for k, a in state["unplaced"]]
+        self.exhausted = bool(state["exhausted"])
+        if saved_balance == "none" and self.balance == "none":
+            self.packer.load_state_dict(state["packer"])
+            self.live = {tuple(k): units[tuple(k)] for k in self.packer.buffered_items()}
+            self.unplaced = [[units[k], a] for k, a in unplaced]
+            return
+        buffered = [tuple(it) for p in state["packer"]["packs"] for it in p[3]]
+        self.unplaced = [[units[k], 0] for k in buffered] + [[units[k], a] for k, a in unplaced]
 
 
 def deal(pack_costs: Sequence[float], dp_size: int, balanced: bool) -> list[list[int]]:

@@ -112,11 +112,17 @@ class DataConfig:
     max_tiles: int = 48
     pack_buffer_size: int = 64
     pad_to_multiple: int = 16
-    # How data-parallel ranks split the stream. "sample": each rank reads, decodes and packs its
-    # own share of the samples (cheapest). "pack": every rank packs the global stream and keeps
-    # every dp-th pack, so the global batch of each step is the same whatever the DP size (costs
-    # dp x the decoding; for layout-invariance checks and DP-resharded data resume).
-    shard_by: str = "sample"
+    # How data-parallel ranks split the stream. "global": each step's packs are planned from
+    # metadata over the global stream (the same at any DP size, so resume works at any DP size)
+    # and each rank decodes only its own (data/planned.py). "sample": each rank reads, decodes
+    # and packs its own share of the samples. "pack" (former, kept for old configs): every rank
+    # packs the global stream and keeps every dp-th pack, decoding dp times; "global" with
+    # balance=none gives the same packs. With "sample" and "pack" a DP change on resume is refused.
+    shard_by: str = "global"
+    # What the plan of a step equalises across DP ranks and micro-batches (shard_by=global):
+    # "compute" (estimated FLOPs of the configured model: tokens, squared sample lengths, tiles),
+    # "tokens", or "none" (the streaming packer, packs dealt round-robin).
+    balance: str = "compute"
 
     loss_reduction: str = "square"
     v2pe: str = "off"
@@ -192,8 +198,10 @@ class DataConfig:
                 f"data.max_tokens={self.max_tokens} cannot hold even one tile "
                 f"({self.num_image_token} tokens + <img></img>); raise max_tokens."
             )
-        if self.shard_by not in ("sample", "pack"):
-            raise ValueError(f"data.shard_by={self.shard_by!r} must be 'sample' or 'pack'.")
+        if self.shard_by not in ("global", "sample", "pack"):
+            raise ValueError(f"data.shard_by={self.shard_by!r} must be 'global', 'sample' or 'pack'.")
+        if self.balance not in ("none", "tokens", "compute"):
+            raise ValueError(f"data.balance={self.balance!r} must be 'none', 'tokens' or 'compute'.")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"data.loss_reduction={self.loss_reduction!r} is not one of {LOSS_REDUCTIONS}.")
         if self.v2pe not in V2PE_MODES:

@@ -1,6 +1,8 @@
-"""The packed loader: samples of the worker stream packed into micro-batches, with exact resume.
+"""The per-rank packed loader (`data.shard_by=sample`), skip accounting, and `build_data_loader`.
 
-The main process packs samples in their global order (`TwoBudgetPacker`), so the packs do not
+`build_data_loader` gives the planned loader of `data/planned.py` by default (global plan, any DP
+size on resume). With `data.shard_by=sample` each rank instead packs its own share of the samples
+(`PackedDataLoader`, below): the main process packs them in their global order (`TwoBudgetPacker`), so the packs do not
 depend on the number of workers. The loader's state is the next local index, the keys of the
 samples waiting in the pack buffer and the skip counters; on restore those samples are rebuilt
 from their keys, so the stream continues bit-identically, with any number of workers. Skips are
@@ -254,12 +256,18 @@ def build_tokenizer(cfg: DataConfig) -> Tokenizer:
 
 
 def build_data_loader(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None, dp_rank: int = 0, dp_size: int = 1,
-                      *, media_loader: Any = None, stop_after: Optional[int] = None,
-                      state: Optional[dict] = None) -> PackedDataLoader:
+                      *, media_loader: Any = None, header_media: Any = None, packs_per_step: Optional[int] = None,
+                      cost: Any = None, stop_after: Optional[int] = None, state: Optional[dict] = None):
     """An iterator of packed micro-batches for one data-parallel rank.
 
-    `stop_after` ends the stream after that many local samples (finite passes, tools);
-    otherwise it runs forever over repeated epochs. `state` is a previous `state_dict()`.
+    `data.shard_by=global` (default): the `PlannedLoader`; each step's `packs_per_step` packs
+    (training.global_batch_size; default `dp_size`, one per rank) are planned from metadata read
+    with `header_media` (default: the header-only reader, or `media_loader.header_only()`), balanced
+    with `cost` (a `balance.CostModel`, default from the schema's default model) and this rank
+    decodes its own. `data.shard_by=sample`: the per-rank `PackedDataLoader`.
+    `stop_after` ends the stream after that many samples (global ones for the planned loader,
+    local ones otherwise); otherwise it runs forever over repeated epochs. `state` is a previous
+    `state_dict()`.
     """
     cfg.validate()
     if tokenizer is None:
@@ -273,11 +281,25 @@ def build_data_loader(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None, dp
             logger.warning("dataset %r: meta says length=%s but %s has %d non-empty lines; using %d",
                            s.name, s.length, f.path, len(f), len(f))
     media = media_loader or MediaLoader(cfg.image_size, cfg.use_thumbnail, cfg.image_backend, cfg.num_video_frames)
-    if cfg.shard_by == "pack":
+    if cfg.shard_by == "sample":
+        loader = PackedDataLoader(cfg, tokenizer, specs, files, dp_rank, dp_size, media, stop_after=stop_after)
+    elif cfg.shard_by == "pack":
         inner = PackedDataLoader(cfg, tokenizer, specs, files, 0, 1, media, stop_after=stop_after)
         loader = PackShardedLoader(inner, dp_rank, dp_size)
     else:
-        loader = PackedDataLoader(cfg, tokenizer, specs, files, dp_rank, dp_size, media, stop_after=stop_after)
+        from .planned import PlannedLoader
+
+        if header_media is None:
+            if media_loader is None:
+                from .inspection import HeaderOnlyMedia
+
+                header_media = HeaderOnlyMedia(cfg.image_size, cfg.use_thumbnail, cfg.image_backend,
+                                               cfg.num_video_frames)
+            else:
+                header_only = getattr(media_loader, "header_only", None)
+                header_media = header_only() if header_only is not None else media_loader
+        loader = PlannedLoader(cfg, tokenizer, specs, files, dp_rank, dp_size, media, header_media,
+                               packs_per_step or dp_size, cost=cost, stop_after=stop_after)
     if state is not None:
         loader.load_state_dict(state)
     return loader
