@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-command quick start: a tiny InternVL trained with TP=2 on two CPU processes.
 #   bash examples/quickstart.sh [OUT_DIR]        (default runs/quickstart)
-# Installs what is missing, builds a tiny dataset from real photos that ship with matplotlib and
+# Sets up a virtualenv with what is missing, builds a tiny dataset from real photos that ship with matplotlib and
 # scikit-learn, trains ~50 steps, shows the loss falling, saves a checkpoint, plots the curves,
 # exports the model to the transformers format and loads it back with transformers.
 set -euo pipefail
@@ -9,11 +9,9 @@ cd "$(dirname "$0")/.."
 OUT="${1:-runs/quickstart}"
 STEPS="${QUICKSTART_STEPS:-50}"
 
-if ! python -c "import megatron_internvl, transformers, matplotlib, sklearn" 2>/dev/null; then
-  echo "== installing (CPU torch first, then the package with its test extras)"
-  python -m pip install -q torch==2.13.0
-  python -m pip install -q -e ".[test]"
-fi
+# A virtualenv (.venv, or the active one) with the CPU torch and the package, created when missing.
+# shellcheck source=scripts/setup_env.sh
+source scripts/setup_env.sh
 
 echo "== building the tiny dataset in $OUT/data"
 rm -rf "$OUT"

@@ -29,6 +29,30 @@ def load(run_dir: Path) -> list[dict]:
     return records
 
 
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each point and the ``window - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def draw(ax, pts: list[tuple[float, float]]) -> None:
+    """Raw points faint, their running mean on top: a tiny run's per-step loss is jagged (each
+    step sees other images), the trend is what a reader looks for."""
+    steps, values = zip(*pts)
+    window = max(1, len(values) // 10)
+    if window < 3:
+        ax.plot(steps, values, marker=".")
+        return
+    ax.plot(steps, values, marker=".", linestyle="none", alpha=0.35, label="per step")
+    ax.plot(steps, running_mean(list(values), window), label=f"running mean of {window}")
+    ax.legend(loc="best", fontsize="small")
+
+
 def plot(run_dir: Path, out: Path) -> list[Path]:
     import matplotlib
 
@@ -54,7 +78,7 @@ def plot(run_dir: Path, out: Path) -> list[Path]:
             else:
                 pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="." if len(pts) < 60 else None)
+                draw(ax, pts)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel("step")
