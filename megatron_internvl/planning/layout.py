@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from megatron_internvl.config.schema import ConfigError
 from megatron_internvl.models.padding import padded_num_heads, padded_vocab_size
-from megatron_internvl.training.flops import (StepShapes, llm_forward_flops, projector_forward_flops,
+from megatron_internvl.training.flops import (StepShapes, component_flops, llm_forward_flops,
                                               step_flops, vit_forward_flops)
 from megatron_internvl.training.stages import stage_freeze_flags, trainable_components
 
@@ -64,29 +64,25 @@ def pack_shape(config) -> StepShapes:
     return StepShapes(lengths, tiles)
 
 
-def _multipliers(trainable: dict) -> tuple[int, int, int]:
-    """Forward + backward cost factors (ViT, projector, LLM), the conventions of flops.step_flops."""
-    vit = 3 if trainable["vision"] else 1
-    proj = 3 if trainable["projector"] else (2 if trainable["vision"] else 1)
-    upstream = trainable["vision"] or trainable["projector"]
-    llm = 3 if trainable["language"] else (2 if upstream else 1)
-    return vit, proj, llm
-
-
-def stage_flops(config, shapes: StepShapes) -> list[float]:
+def stage_flops(config, shapes: StepShapes, forward_only: bool = False) -> list[float]:
     """Training FLOPs of one micro-batch (one pack) on each pipeline stage, all its TP x CP ranks
-    together; they sum to ``flops.step_flops`` of that pack."""
+    together: the project's per-component counts (``flops.component_flops``), the LLM's split by
+    layers (its forward count is linear in them, plus the logits on the last stage). They sum to
+    ``flops.step_flops`` of that pack. ``forward_only``: a frozen model's forward, as MPO's
+    reference model runs it."""
     model, p = config.model, config.parallel
     lang = model.language
-    vit_m, proj_m, llm_m = _multipliers(trainable_components(stage_freeze_flags(config.training)))
+    trainable = trainable_components(stage_freeze_flags(config.training))
+    if forward_only:
+        trainable = dict.fromkeys(trainable, False)
+    parts = component_flops(model, shapes, trainable)
     per_layer = llm_forward_flops(dataclasses.replace(lang, num_layers=1, vocab_size=0),
                                   shapes.sample_lengths)
     logits = llm_forward_flops(dataclasses.replace(lang, num_layers=0), shapes.sample_lengths)
-    layers = stage_llm_layers(p, lang.num_layers)
-    out = [llm_m * n * per_layer for n in layers]
-    out[0] += (vit_m * vit_forward_flops(model.vision, shapes.tiles)
-               + proj_m * projector_forward_flops(model, shapes.tiles))
-    out[-1] += llm_m * logits
+    scale = parts["language"] / (lang.num_layers * per_layer + logits)  # forward + backward factor
+    out = [scale * n * per_layer for n in stage_llm_layers(p, lang.num_layers)]
+    out[0] += parts["vision"] + parts["projector"]
+    out[-1] += scale * logits
     return out
 
 
@@ -112,22 +108,20 @@ def communication_seconds(config, world_size: int, gpus_per_node: int, hardware)
     """(exposed communication per micro-batch on each stage, per step for the data-parallel
     gradient and parameter exchange). TP: with or without SP, four collectives of the layer's
     [tokens, hidden] bf16 activations in forward and four in backward, (tp-1)/tp of it over the
-    wire; CP: the ring exchange of K and V, forward and twice in backward; PP: the stage's output
+    wire; PP: the stage's output
     forward and its gradient backward; DP (distributed optimizer): fp32 gradients reduce-scattered
     and bf16 parameters all-gathered once per step, hidden when overlap_grad_reduce is on. Groups
     inside a node run at ``intra_node_gbps``, groups spanning nodes at ``inter_node_gbps``."""
     model, p = config.model, config.parallel
     lang = model.language
     tp, cp, pp = p.tensor_parallel, p.context_parallel, p.pipeline_parallel
-    tokens = config.data.max_tokens / cp
+    tokens = config.data.max_tokens  # context-parallel ranks each run the whole pack today
     h = lang.hidden_size
-    kv = lang.num_kv_heads * (h // lang.num_heads)
     gbps = lambda span: (hardware.intra_node_gbps if span <= gpus_per_node else hardware.inter_node_gbps) * 1e9
     layers = stage_llm_layers(p, lang.num_layers)
     tp_layer = 8 * (tp - 1) / tp * tokens * h * 2 / gbps(tp) if tp > 1 else 0.0
-    cp_layer = 3 * (cp - 1) * tokens * 2 * kv * 2 / tp / gbps(tp * cp) if cp > 1 else 0.0
     p2p = 2 * tokens * h * 2 / (tp if p.sequence_parallel else 1) / gbps(tp * cp * pp) if pp > 1 else 0.0
-    per_stage = [n * (tp_layer + cp_layer) + p2p for n in layers]
+    per_stage = [n * tp_layer + p2p for n in layers]
     dp = world_size // (tp * cp * pp)
     dp_seconds = 0.0
     if dp * cp > 1 and not p.overlap_grad_reduce:
@@ -176,7 +170,10 @@ def check_cluster_layout(config, world_size: int, gpus_per_node: int | None = No
         warnings.append(f"tensor_parallel x context_parallel = "
                         f"{p.tensor_parallel * p.context_parallel} spans nodes of {gpus_per_node} GPUs")
     if p.context_parallel > 1:
-        warnings.append("parallel.context_parallel > 1 needs Transformer Engine's attention (GPU)")
+        warnings.append(
+            f"parallel.context_parallel={p.context_parallel}: the training step does not split packs "
+            f"over context-parallel ranks yet (each runs the whole pack, and only CP rank 0's loss "
+            f"counts), so CP adds no memory saving and duplicates the work; planned as such. Keep it 1")
     if data.max_tokens > model.language.max_position_embeddings and data.v2pe == "off":
         warnings.append(f"data.max_tokens={data.max_tokens} exceeds model.language."
                         f"max_position_embeddings={model.language.max_position_embeddings}")
@@ -198,10 +195,15 @@ def make_plan(config, nodes: int, gpus_per_node: int, hardware: Hardware | None 
     trainable = trainable_components(stage_freeze_flags(t))
     per_pack = step_flops(model, shapes, trainable)
     flops = per_pack * t.global_batch_size
+    reference = t.stage == "mpo" and config.mpo.reference == "model"
+    if reference:  # the reference model's forward pass, counted as training/main.py does
+        flops += step_flops(model, shapes, dict.fromkeys(trainable, False)) * t.global_batch_size
     rate = hardware.peak_tflops * 1e12 * hardware.mfu
     compute = [f + r for f, r in zip(stage_flops(config, shapes), recompute_flops(config, shapes))]
+    if reference:
+        compute = [c + f for c, f in zip(compute, stage_flops(config, shapes, forward_only=True))]
     comm, dp_seconds = communication_seconds(config, world, gpus_per_node, hardware)
-    per_stage = [f / (p.tensor_parallel * p.context_parallel * rate) + c for f, c in zip(compute, comm)]
+    per_stage = [f / (p.tensor_parallel * rate) + c for f, c in zip(compute, comm)]
     step = (m + (p.pipeline_parallel - 1) / vpp) * max(per_stage) + dp_seconds
     ideal = flops / (world * rate)
 

@@ -150,10 +150,11 @@ class StageMemory:
     loss: float
     reserve: float
     micro_batches_in_flight: float
+    reference: float = 0.0  # MPO's frozen reference model (mpo.reference=model), weights only
 
     @property
     def static(self) -> float:
-        return self.weights + self.gradients + self.optimizer
+        return self.weights + self.gradients + self.optimizer + self.reference
 
     @property
     def peak(self) -> float:
@@ -162,6 +163,7 @@ class StageMemory:
 
     def terms(self) -> dict:
         return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
+                "MPO reference model": self.reference,
                 "activations (LLM)": self.activations_llm,
                 "activations (ViT + projector)": self.activations_vision,
                 "output layer + loss": self.loss, "runtime reserve": self.reserve,
@@ -197,10 +199,15 @@ def stage_memory(config, world_size: int, hardware: Hardware) -> list[StageMemor
     # trained projector still keep theirs: gradients flow through them).
     keep_proj = train_vit or train_proj
     keep_llm = keep_proj or not flags["language"]
-    tokens = data.max_tokens // cp
+    # Context-parallel ranks each run the whole pack today (the step does not split packs over
+    # them; see check_cluster_layout), so nothing below divides by CP.
+    tokens = data.max_tokens
     tiles = pack_tiles(data, model.num_image_token)
     recompute = model.recompute == "full"  # selective (core attention) keeps the same tensors
     act_scale = 2 if t.precision == "fp32" else 1  # ACT_BYTES is BF16
+    # MPO with mpo.reference=model holds a second, frozen copy of the chunks (same layout); its
+    # forward-only pass keeps no activations for backward.
+    mpo_reference = t.stage == "mpo" and config.mpo.reference == "model"
     out = []
     for params in stage_params(model, p, t):
         s = params.stage
@@ -236,5 +243,6 @@ def stage_memory(config, world_size: int, hardware: Hardware) -> list[StageMemor
             activations_llm=llm * act_scale, activations_vision=vit * act_scale,
             loss=loss, reserve=hardware.runtime_reserve_gib * GiB,
             micro_batches_in_flight=n_llm,
+            reference=params.total * _param_bytes(t.precision) if mpo_reference else 0.0,
         ))
     return out

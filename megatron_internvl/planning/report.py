@@ -35,6 +35,8 @@ def format_plan(config, plan: Plan, nodes: int, gpus_per_node: int) -> str:
     lines.append(f"  {'micro-batches in flight':32s}"
                  + "".join(f"{s.micro_batches_in_flight:9.2f}" for s in plan.stages))
     for name in names:
+        if name != "peak" and not any(s.terms()[name] for s in plan.stages):
+            continue  # e.g. no MPO reference model
         lines.append(f"  {name:32s}" + "".join(f"  {_gib(s.terms()[name])}" for s in plan.stages))
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"peak {plan.peak_bytes / GiB:.1f} GiB of {plan.hardware.gpu_mem_gib:g} GiB: {verdict}")

@@ -1,10 +1,11 @@
 """Rank the parallel layouts that fit a cluster by estimated step time.
 
-Candidates: TP within a node (1, 2, 4, 8 where the heads divide), CP 1/2/4, every PP that
-divides the rest, VPP where the stage's layers split, recompute none/full, sequence parallelism
+Candidates: TP within a node (1, 2, 4, 8 where the heads divide), every PP that divides the
+rest, VPP where the stage's layers split, recompute none/full, sequence parallelism
 whenever TP > 1. Without VPP, the first stage's LLM layers (``parallel.first_stage_llm_layers``)
 are chosen to balance the ViT: the split with the smallest slowest-stage time. Everything else
-(batch, budgets, optimizer) stays as the recipe says.
+(batch, budgets, optimizer) stays as the recipe says. Context parallelism is left out: the
+training step does not split packs over CP ranks yet.
 """
 
 from __future__ import annotations
@@ -65,9 +66,7 @@ def search_layouts(config, nodes: int, gpus_per_node: int, hardware: Hardware | 
     for tp in (1, 2, 4, 8):
         if tp > gpus_per_node:
             continue
-        for cp in (1, 2, 4):
-            if config.data.max_tokens // cp < 4096 and cp > 1:
-                continue
+        for cp in (1,):
             if world % (tp * cp):
                 continue
             rest = world // (tp * cp)
