@@ -6,7 +6,8 @@ TP=2 jobs of the tiny recipe at once:
 - the same run sent SIGUSR1 mid-run (`scancel --signal=USR1 --batch`, what `--signal=B:USR1@N`
   does before a time limit): it must save, requeue itself, resume and end with the plain run's
   losses bit for bit;
-- a run that fails with a real error (a missing data file): it must not be requeued.
+- a run that fails with a real error (a missing data file): it must not be requeued;
+- a run cancelled by the user (`scancel`: SIGTERM) mid-run: it must not be requeued either.
 Debian's slurm-wlm and munge are apt-installed when missing; the test is skipped only where
 that is impossible (not root, no apt), with the reason.
 """
@@ -116,15 +117,19 @@ def report(run_dir: Path) -> str:
 
 @pytest.mark.timeout(JOBS_DEADLINE_S + 300)
 def test_train_preempt_requeue_resume_and_real_failure(slurm, tiny_data, tmp_path):
-    plain_dir, preempt_dir, fail_dir = tmp_path / "plain", tmp_path / "preempt", tmp_path / "fail"
+    plain_dir, preempt_dir, fail_dir, cancel_dir = (tmp_path / n for n in ("plain", "preempt", "fail", "cancel"))
     plain = submit(slurm, plain_dir, tiny_data)
     preempt = submit(slurm, preempt_dir, tiny_data)
     fail = submit(slurm, fail_dir, tiny_data, f"data.meta_path={tmp_path / 'missing' / 'meta.json'}")
+    cancel = submit(slurm, cancel_dir, tiny_data)
 
-    signalled, started_again = False, False
+    signalled, started_again, cancelled = False, False, False
     deadline = time.monotonic() + JOBS_DEADLINE_S
     while True:
-        jobs = {j: slurm.job(j) for j in (plain, preempt, fail)}
+        jobs = {j: slurm.job(j) for j in (plain, preempt, fail, cancel)}
+        if not cancelled and any("loss" in r for r in steps(cancel_dir)):
+            slurm.run(["scancel", cancel])
+            cancelled = True
         if not signalled and any("loss" in r for r in steps(preempt_dir)):
             # Mid-run: after step 1, 19 steps before the end.
             slurm.run(["scancel", "--signal=USR1", "--batch", preempt])
@@ -155,7 +160,7 @@ def test_train_preempt_requeue_resume_and_real_failure(slurm, tiny_data, tmp_pat
 
     # The preempted run: saved at the signal, requeued once, resumed, same losses bit for bit.
     log = batch_log(preempt_dir, preempt)
-    assert (pj["JobState"], pj["Restarts"], pj["ExitCode"]) == ("COMPLETED", "1", "0:0"), (pj, report(preempt_dir))
+    assert (pj["JobState"], pj["Restarts"], pj["ExitCode"]) == ("COMPLETED", "1", "0:0"), (pj, report(preempt_dir), slurm.logs())
     recs = steps(preempt_dir)
     stops = [r for r in recs if "event" in r and "stopped" in r["event"]]
     assert len(stops) == 1 and stops[0]["event"] == {"stopped": "SIGUSR1", "exit_code": 42}, stops
@@ -175,3 +180,8 @@ def test_train_preempt_requeue_resume_and_real_failure(slurm, tiny_data, tmp_pat
     assert "requeueing" not in log and "not requeued" in log, log
     rank_logs = "".join(p.read_text() for p in (fail_dir / "slurm").glob("*.log"))
     assert "meta.json" in rank_logs, rank_logs[-3000:]
+
+    # Cancelled by the user: the ranks got SIGTERM, the script did not requeue.
+    cj, log = jobs[cancel], batch_log(cancel_dir, cancel)
+    assert cj["JobState"] == "CANCELLED" and cj["Restarts"] == "0", (cj, report(cancel_dir))
+    assert "requeueing" not in log, log
