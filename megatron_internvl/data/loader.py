@@ -57,6 +57,26 @@ class SkipStats:
             out[r] = out.get(r, 0) + n
         return out
 
+    def record(self, s: Skip, cfg: DataConfig, where: str, log: bool = True) -> None:
+        """Count one skip, log it (rate-limited), and enforce data.max_skip_ratio."""
+        self.skipped += 1
+        k = f"{s.dataset}/{s.reason}"
+        self.counts[k] = self.counts.get(k, 0) + 1
+        self.last[k] = f"{s.file}:{s.line}"
+        n = self.counts[k]
+        if log and n <= cfg.skip_warnings:
+            logger.warning("%s", s)
+        elif log and n & (n - 1) == 0:
+            logger.warning("%s (%d %r skips so far in %r; logging every power of two from now on)",
+                           s, n, s.reason, s.dataset)
+        if self.seen >= cfg.skip_ratio_warmup and self.skipped > cfg.max_skip_ratio * self.seen:
+            detail = ", ".join(f"{key}: {c} (last {self.last[key]})" for key, c in sorted(self.counts.items()))
+            raise DataSkipRatioError(
+                f"{self.skipped} of {self.seen} samples read {where} were skipped "
+                f"({self.skipped / self.seen:.1%} > data.max_skip_ratio={cfg.max_skip_ratio}). "
+                f"By dataset/reason: {detail}. Fix or remove the bad data, or raise data.max_skip_ratio."
+            )
+
     def state_dict(self) -> dict:
         return {"seen": self.seen, "skipped": self.skipped, "counts": dict(self.counts), "last": dict(self.last)}
 
@@ -158,24 +178,7 @@ class PackedDataLoader:
             self._pending = list(res)
 
     def _record_skip(self, s: Skip) -> None:
-        st = self.skips
-        st.skipped += 1
-        k = f"{s.dataset}/{s.reason}"
-        st.counts[k] = st.counts.get(k, 0) + 1
-        st.last[k] = f"{s.file}:{s.line}"
-        n = st.counts[k]
-        if n <= self.cfg.skip_warnings:
-            logger.warning("%s", s)
-        elif n & (n - 1) == 0:
-            logger.warning("%s (%d %r skips so far in %r; logging every power of two from now on)",
-                           s, n, s.reason, s.dataset)
-        if st.seen >= self.cfg.skip_ratio_warmup and st.skipped > self.cfg.max_skip_ratio * st.seen:
-            detail = ", ".join(f"{key}: {c} (last {st.last[key]})" for key, c in sorted(st.counts.items()))
-            raise DataSkipRatioError(
-                f"{st.skipped} of {st.seen} samples read on DP rank {self.dp_rank} were skipped "
-                f"({st.skipped / st.seen:.1%} > data.max_skip_ratio={self.cfg.max_skip_ratio}). "
-                f"By dataset/reason: {detail}. Fix or remove the bad data, or raise data.max_skip_ratio."
-            )
+        self.skips.record(s, self.cfg, f"on DP rank {self.dp_rank}")
 
     # -- statistics
 

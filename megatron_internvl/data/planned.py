@@ -26,7 +26,7 @@ import torch
 
 from .balance import CostModel, StepPlanner, Unit, deal, default_cost, imbalance
 from .config import DataConfig, DatasetSpec
-from .loader import DataResumeError, DataSkipRatioError, SkipStats, _identity
+from .loader import DataResumeError, SkipStats, _identity
 from .order import GlobalOrder
 from .packing import collate_pack
 from .samples import SampleBuilder, Skip
@@ -134,7 +134,6 @@ class PlannedLoader:
         self.decode_skips = SkipStats()
         self.packs = self.real_tokens = self.tiles = self.samples_packed = 0
         self.plan_real_tokens = self.plan_packs = 0
-        self.images_decoded = 0
 
     # -- metadata
 
@@ -168,21 +167,8 @@ class PlannedLoader:
             return [unit_of(p) for p in res]
 
     def _record_skip(self, s: Skip) -> None:
-        st = self.skips
-        st.skipped += 1
-        k = f"{s.dataset}/{s.reason}"
-        st.counts[k] = st.counts.get(k, 0) + 1
-        st.last[k] = f"{s.file}:{s.line}"
-        n = st.counts[k]
-        if self.dp_rank == 0 and (n <= self.cfg.skip_warnings or n & (n - 1) == 0):
-            logger.warning("%s", s)
-        if st.seen >= self.cfg.skip_ratio_warmup and st.skipped > self.cfg.max_skip_ratio * st.seen:
-            detail = ", ".join(f"{key}: {c} (last {st.last[key]})" for key, c in sorted(st.counts.items()))
-            raise DataSkipRatioError(
-                f"{st.skipped} of {st.seen} samples read were skipped "
-                f"({st.skipped / st.seen:.1%} > data.max_skip_ratio={self.cfg.max_skip_ratio}). "
-                f"By dataset/reason: {detail}. Fix or remove the bad data, or raise data.max_skip_ratio."
-            )
+        # every rank reads the same metadata: one rank logs
+        self.skips.record(s, self.cfg, "in the global stream", log=self.dp_rank == 0)
 
     # -- planning (main process, identical on every rank)
 
@@ -233,13 +219,9 @@ class PlannedLoader:
         if self._stream is None:
             self._stream = self._open()
         step, micro, batch, skips = next(self._stream)
-        for s in skips:
-            st = self.decode_skips
-            st.skipped += 1
-            k = f"{s.dataset}/{s.reason}"
-            st.counts[k] = st.counts.get(k, 0) + 1
-            st.last[k] = f"{s.file}:{s.line}"
-            logger.warning("%s (at decode, after the plan)", s)
+        self.decode_skips.seen += batch["num_samples"] + len(skips)
+        for s in skips:   # the body failed where the header read fine: this rank's own
+            self.decode_skips.record(s, self.cfg, f"at decode on DP rank {self.dp_rank}")
         self._at = (step, micro + 1)
         for old in [k for k in self._snapshots if k < step]:
             del self._snapshots[old]
@@ -248,7 +230,6 @@ class PlannedLoader:
         self.packs += 1
         self.real_tokens += batch["num_tokens"]
         self.tiles += int(batch["pixel_values"].shape[0])
-        self.images_decoded += int(batch["num_tiles"].numel())
         self.samples_packed += batch["num_samples"]
         return batch
 

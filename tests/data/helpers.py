@@ -169,7 +169,10 @@ def toy_config(meta: str, tokenizer: str, **kw):
     base = dict(meta_path=meta, tokenizer_path=tokenizer, image_size=8, num_image_token=4, max_tokens=512,
                 system_message="You are a helpful assistant.",
                 max_tiles=12, pack_buffer_size=8, pad_to_multiple=8, num_workers=0, seed=7,
-                skip_ratio_warmup=10_000)
+                skip_ratio_warmup=10_000,
+                # the per-rank loader these tests were written for; tests/data/test_balance.py
+                # covers the planned one (shard_by=global, the default)
+                shard_by="sample")
     base.update(kw)
     return DataConfig(**base)
 

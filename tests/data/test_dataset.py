@@ -183,7 +183,8 @@ def test_per_dataset_tile_budget_augmentation_and_template(tmp_path, toy):
              DatasetSpec("b", b, root=root, max_dynamic_patch=8, template="Hermes-2")]
     media = RecordingMedia(8)
     cfg = DataConfig(datasets=specs, tokenizer_path=tok, image_size=8, num_image_token=4, max_tokens=1024,
-                     max_tiles=48, pad_to_multiple=8, num_workers=0, system_message="S")
+                     max_tiles=48, pad_to_multiple=8, num_workers=0, system_message="S",
+                     shard_by="sample")  # one media call per image (the planned loader adds header reads)
     loader = build_data_loader(cfg, media_loader=media, stop_after=2)
     batches = list(loader)
     # each image of a multi-image sample gets max(1, n_max // n_images) tiles
