@@ -113,3 +113,27 @@ def test_stage_layers_and_freezing():
     assert [s.trainable > 0 for s in stages] == [True, False, False, False]
     assert stages[0].trainable == sum(stages[0].by_component["projector"])
     assert ACT_BYTES == 2
+
+
+def test_stage_flops_split_the_projects_count_and_step_time_by_hand():
+    from megatron_internvl.planning import Hardware, make_plan
+    from megatron_internvl.planning.layout import pack_shape, stage_flops
+    from megatron_internvl.training.flops import step_flops
+    from megatron_internvl.training.stages import stage_freeze_flags, trainable_components
+
+    base = {"data": {"synthetic": {"sample_tokens": 2048, "tiles_per_sample": 6}},
+            "training": {"global_batch_size": 8, "stage": "full"}}
+    config = build_dataclass(Config, apply_overrides(base, [
+        "parallel.pipeline_parallel=4", "parallel.first_stage_llm_layers=3"]))
+    shapes = pack_shape(config)
+    # 16384 tokens as 8 samples of 2048; 48 tiles (8 x 6 capped by the tile budget).
+    assert shapes.sample_lengths == [2048] * 8 and shapes.tiles == 48
+    trainable = trainable_components(stage_freeze_flags(config.training))
+    assert sum(stage_flops(config, shapes)) == pytest.approx(step_flops(config.model, shapes, trainable), rel=1e-12)
+    # One GPU, no pipeline, no TP, no DP: step time = packs x FLOPs per pack / (peak x MFU).
+    single = build_dataclass(Config, base)
+    hw = Hardware(peak_tflops=100.0, mfu=0.5)
+    plan = make_plan(single, 1, 1, hw)
+    per_pack = step_flops(single.model, pack_shape(single), trainable)
+    assert plan.flops_per_step == 8 * per_pack
+    assert plan.step_seconds == pytest.approx(8 * per_pack / 50e12, rel=1e-12)
