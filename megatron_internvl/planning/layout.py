@@ -218,6 +218,13 @@ def make_plan(config, nodes: int, gpus_per_node: int, hardware: Hardware | None 
         notes.append(f"ViT heads {vis.num_heads} padded to {heads} at TP={p.tensor_parallel} "
                      f"(zero heads: {100 * (heads - vis.num_heads) / heads:.0f}% of ViT attention "
                      f"compute is padding)")
+    if p.pipeline_parallel > 1 and vpp == 1:
+        from .search import balanced_first_stage_layers
+
+        best = balanced_first_stage_layers(config)
+        if best != p.first_stage_llm_layers:
+            split = "the even split" if best is None else f"parallel.first_stage_llm_layers={best}"
+            notes.append(f"the stages balance best with {split} (the first stage also runs the ViT)")
     if model.recompute == "selective":
         notes.append("model.recompute=selective recomputes core attention only; flash attention "
                      "keeps no score matrix, so it saves no memory here (use full)")
