@@ -56,7 +56,7 @@ def _free_port() -> int:
 
 
 class LocalSlurm:
-    def __init__(self, root: Path, cpus: int = 8):
+    def __init__(self, root: Path, cpus: int = 10):
         self.root = Path(root)
         self.cpus = cpus
         self.procs: dict[str, subprocess.Popen] = {}

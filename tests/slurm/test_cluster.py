@@ -7,7 +7,8 @@ TP=2 jobs of the tiny recipe at once:
   does before a time limit): it must save, requeue itself, resume and end with the plain run's
   losses bit for bit;
 - a run that fails with a real error (a missing data file): it must not be requeued;
-- a run cancelled by the user (`scancel`: SIGTERM) mid-run: it must not be requeued either.
+- a run cancelled by the user (`scancel`: SIGTERM) mid-run: it must not be requeued either;
+- the plain run again with `--launcher torchrun` (one torchrun per node): the same losses.
 Debian's slurm-wlm and munge are apt-installed when missing; the test is skipped only where
 that is impossible (not root, no apt), with the reason.
 """
@@ -77,11 +78,11 @@ def tiny_data(tmp_path_factory):
     return build(tmp_path_factory.mktemp("tiny-data"))
 
 
-def submit(cluster: LocalSlurm, run_dir: Path, data: Path, *extra: str) -> str:
+def submit(cluster: LocalSlurm, run_dir: Path, data: Path, *extra: str, options=()) -> str:
     """`megatron-internvl slurm ... --submit`: 1 node, 2 CPU tasks, TP=2, 20 steps."""
     cmd = [sys.executable, "-m", "megatron_internvl.cli", "slurm", str(ROOT / "examples" / "tiny" / "full.yaml"),
            "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "--partition", "debug",
-           "--time", "00:20:00", "--submit",
+           "--time", "00:20:00", "--submit", *options,
            "parallel.tensor_parallel=2", "training.train_steps=20", "checkpoint.save_interval=100",
            f"data.meta_path={data / 'meta.json'}", f"data.tokenizer_path={data / 'tokenizer.json'}",
            f"logging.run_dir={run_dir}", "logging.progress=false", "logging.tensorboard=false",
@@ -117,16 +118,18 @@ def report(run_dir: Path) -> str:
 
 @pytest.mark.timeout(JOBS_DEADLINE_S + 300)
 def test_train_preempt_requeue_resume_and_real_failure(slurm, tiny_data, tmp_path):
-    plain_dir, preempt_dir, fail_dir, cancel_dir = (tmp_path / n for n in ("plain", "preempt", "fail", "cancel"))
+    plain_dir, preempt_dir, fail_dir, cancel_dir, torchrun_dir = (
+        tmp_path / n for n in ("plain", "preempt", "fail", "cancel", "torchrun"))
     plain = submit(slurm, plain_dir, tiny_data)
     preempt = submit(slurm, preempt_dir, tiny_data)
     fail = submit(slurm, fail_dir, tiny_data, f"data.meta_path={tmp_path / 'missing' / 'meta.json'}")
     cancel = submit(slurm, cancel_dir, tiny_data)
+    torchrun = submit(slurm, torchrun_dir, tiny_data, options=("--launcher", "torchrun"))
 
     signalled, started_again, cancelled = False, False, False
     deadline = time.monotonic() + JOBS_DEADLINE_S
     while True:
-        jobs = {j: slurm.job(j) for j in (plain, preempt, fail, cancel)}
+        jobs = {j: slurm.job(j) for j in (plain, preempt, fail, cancel, torchrun)}
         if not cancelled and any("loss" in r for r in steps(cancel_dir)):
             slurm.run(["scancel", cancel])
             cancelled = True
@@ -185,3 +188,9 @@ def test_train_preempt_requeue_resume_and_real_failure(slurm, tiny_data, tmp_pat
     cj, log = jobs[cancel], batch_log(cancel_dir, cancel)
     assert cj["JobState"] == "CANCELLED" and cj["Restarts"] == "0", (cj, report(cancel_dir))
     assert "requeueing" not in log, log
+
+    # One torchrun per node starting both ranks: the srun run's losses.
+    tj = jobs[torchrun]
+    assert (tj["JobState"], tj["Restarts"]) == ("COMPLETED", "0"), (tj, report(torchrun_dir))
+    assert {r["step"]: r["loss"] for r in steps(torchrun_dir) if "loss" in r} == {
+        s: r["loss"] for s, r in plain_recs.items()}
