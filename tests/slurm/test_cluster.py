@@ -98,7 +98,13 @@ def steps(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass  # a line rank 0 is still writing while the test polls
+    return records
 
 
 def batch_log(run_dir: Path, job: str) -> str:
@@ -126,7 +132,7 @@ def test_train_preempt_requeue_resume_and_real_failure(slurm, tiny_data, tmp_pat
     cancel = submit(slurm, cancel_dir, tiny_data)
     torchrun = submit(slurm, torchrun_dir, tiny_data, options=("--launcher", "torchrun"))
 
-    signalled, started_again, cancelled = False, False, False
+    signalled, started_again, cancelled, pending_since = False, False, False, None
     deadline = time.monotonic() + JOBS_DEADLINE_S
     while True:
         jobs = {j: slurm.job(j) for j in (plain, preempt, fail, cancel, torchrun)}
@@ -139,9 +145,13 @@ def test_train_preempt_requeue_resume_and_real_failure(slurm, tiny_data, tmp_pat
             signalled = True
         pj = jobs[preempt]
         if signalled and not started_again and pj["JobState"] == "PENDING" and int(pj["Restarts"]) >= 1:
-            # Slurm holds a requeued job for a while (Reason=BeginTime); a test need not wait.
-            slurm.run(["scontrol", "update", f"JobId={preempt}", "StartTime=now"])
-            started_again = True
+            # Slurm holds a requeued job for a while (Reason=BeginTime); a test need not wait that
+            # long, but a few seconds: slurmd refuses a start within the second the old run's
+            # credential was revoked ("Job credential revoked") and the job then fails.
+            pending_since = pending_since or time.monotonic()
+            if time.monotonic() - pending_since > 5:
+                slurm.run(["scontrol", "update", f"JobId={preempt}", "StartTime=now"])
+                started_again = True
         if all(j["JobState"] in DONE for j in jobs.values()):
             break
         if time.monotonic() > deadline:

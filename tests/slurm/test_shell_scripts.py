@@ -64,3 +64,12 @@ def test_bash_syntax_and_shellcheck(shellcheck, tmp_path):
     out = subprocess.run([shellcheck, "-x", "--shell=bash", *map(str, scripts)], capture_output=True,
                          text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    command = first_block[first_block.index(next(l for l in first_block if l.startswith("# run the tests"))) + 1]
+    assert command == "bash scripts/test.sh"
+    ci = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith("#")]
+    assert ci[-1] == command, ci
