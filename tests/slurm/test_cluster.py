@@ -63,7 +63,7 @@ def _cancel_everything(cluster: LocalSlurm) -> None:
     daemons = {p.pid for p in cluster.procs.values()}
     for proc in psutil.process_iter():
         try:
-            if proc.pid not in daemons and proc.environ().get("SLURM_CONF") == mine and proc.ppid() not in daemons:
+            if proc.pid not in daemons and proc.environ().get("SLURM_CONF") == mine:
                 if "slurmstepd" in " ".join(proc.cmdline()) or proc.environ().get("SLURM_JOB_ID"):
                     proc.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
