@@ -92,6 +92,12 @@ def _inspect_data(rest) -> int:
     return 0
 
 
+def _mpo_reference(rest) -> int:
+    from megatron_internvl.training.mpo_reference import main as reference_main
+
+    return reference_main(rest)
+
+
 def _filter_data(rest) -> int:
     from megatron_internvl.data.quality.cli import filter_main
 
@@ -150,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("inspect-data", help="statistics of a data mixture (see `inspect-data --help`)",
                    add_help=False)
+    sub.add_parser("mpo-reference", help="precompute the MPO reference log-probs of every preference pair "
+                   "(mpo.reference=precomputed; RECIPE.yaml [overrides], torchrun for several processes)",
+                   add_help=False)
     sub.add_parser("filter-data", help="flag anomalous samples of a mixture for review (see `filter-data --help`)",
                    add_help=False)
     sub.add_parser("filter-apply", help="apply a reviewed filter-data run, write a new meta JSON",
@@ -168,6 +177,8 @@ def main(argv=None) -> int:
         return _inspect_data(argv[1:])
     if argv and argv[0] == "filter-data":
         return _filter_data(argv[1:])
+    if argv and argv[0] == "mpo-reference":
+        return _mpo_reference(argv[1:])
     if argv and argv[0] == "filter-apply":
         return _filter_apply(argv[1:])
     args = build_parser().parse_args(argv)

@@ -140,18 +140,20 @@ def build(out: str | os.PathLike) -> Path:
 
 
 def preference_pairs(images: list[tuple[str, str]]) -> list[dict]:
-    """MMPR-style pairs: each image's own caption is chosen, another photo's caption rejected;
-    text-only pairs prefer a true sentence to a scrambled one; one pair has an earlier turn."""
+    """MMPR-style pairs: each image's own caption is chosen, a garbled caption of another photo
+    rejected; text-only pairs prefer a true sentence to a scrambled one; one pair has an earlier
+    turn. No rejected response is ever a chosen one."""
+    def scrambled(text: str) -> str:
+        return " ".join(reversed(text.rstrip(".").split())) + "."
+
     names = list(CAPTIONS)
     pairs = []
     for rel, name in images:
         wrong = names[(names.index(name) + 1) % len(names)]
         pairs.append({"image": rel, "question": "<image>\nDescribe the image.",
-                      "chosen": CAPTIONS[name], "rejected": CAPTIONS[wrong]})
+                      "chosen": CAPTIONS[name], "rejected": scrambled(CAPTIONS[wrong])})
     for text in TEXT[:4]:
-        words = text.rstrip(".").split()
-        pairs.append({"question": "Say something true.", "chosen": text,
-                      "rejected": " ".join(reversed(words)) + "."})
+        pairs.append({"question": "Say something true.", "chosen": text, "rejected": scrambled(text)})
     rel, name = images[0]
     pairs.append({"image": rel, "conversations": [
         {"from": "human", "value": "<image>\nWhat is in the picture?"},

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_internvl.config import ConfigError
+
 from .mpo import pair_sums
 
 logger = logging.getLogger("megatron_internvl.mpo")
@@ -31,7 +33,7 @@ logger = logging.getLogger("megatron_internvl.mpo")
 FORMAT = 1
 
 
-class ReferenceError(RuntimeError):
+class ReferenceTableError(ConfigError):
     """A reference table that is missing, stale or incomplete; the message names the fix."""
 
 
@@ -153,8 +155,6 @@ def _differences(saved: dict, now: dict) -> list[str]:
 def _check_augment(specs) -> None:
     augmented = [s.name for s in specs if s.data_augment]
     if augmented:
-        from megatron_internvl.config import ConfigError
-
         raise ConfigError(f"mpo.reference=precomputed needs the same pixels in every epoch, but datasets "
                           f"{augmented} have data_augment=true: set it to false in the meta file, or use "
                           f"mpo.reference=model")
@@ -169,15 +169,15 @@ class TableReference:
 
         path = Path(config.mpo.reference_file)
         if not path.is_file():
-            raise ReferenceError(f"mpo.reference_file={path} does not exist: run `megatron-internvl mpo-reference "
+            raise ReferenceTableError(f"mpo.reference_file={path} does not exist: run `megatron-internvl mpo-reference "
                                  f"RECIPE.yaml` first (same recipe and overrides as training)")
         _check_augment(specs)
         table = torch.load(path, weights_only=True)
         if table.get("format") != FORMAT:
-            raise ReferenceError(f"{path}: reference table format {table.get('format')} != {FORMAT}: recompute it")
+            raise ReferenceTableError(f"{path}: reference table format {table.get('format')} != {FORMAT}: recompute it")
         diff = _differences(json.loads(table["fingerprint"]), fingerprint(config, specs))
         if diff:
-            raise ReferenceError(f"{path} is stale, it was computed for other inputs: " + "; ".join(diff)
+            raise ReferenceTableError(f"{path} is stale, it was computed for other inputs: " + "; ".join(diff)
                                  + ". Rerun `megatron-internvl mpo-reference` for this recipe")
         self.path = path
         self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
@@ -192,7 +192,7 @@ class TableReference:
             try:
                 rows = [self.index[pid] for pid in b["pair_ids"]]
             except KeyError as exc:
-                raise ReferenceError(f"pair {exc.args[0]} is not in {self.path}: rerun mpo-reference") from None
+                raise ReferenceTableError(f"pair {exc.args[0]} is not in {self.path}: rerun mpo-reference") from None
             out.append(self.values[rows].to(b["input_ids"].device))
         return out
 
@@ -278,7 +278,7 @@ def precompute(config) -> Path:
     launch = distributed.initialize(config.parallel, seed=config.training.seed)
     config.validate(world_size=launch.world_size)
     if not config.mpo.reference_file:
-        raise ReferenceError("set mpo.reference_file: where to write the reference log-probs")
+        raise ReferenceTableError("set mpo.reference_file: where to write the reference log-probs")
     out = Path(config.mpo.reference_file)
     tokenizer = build_tokenizer(config.data)
     check_data_matches_model(config, tokenizer)
@@ -358,7 +358,7 @@ def precompute(config) -> Path:
 
 
 def main(argv=None) -> int:
-    from megatron_internvl.config import ConfigError, load_config
+    from megatron_internvl.config import load_config
 
     from .checkpoint import CheckpointError
 
@@ -370,7 +370,11 @@ def main(argv=None) -> int:
     try:
         config = load_config(argv[0], argv[1:])
         precompute(config)
-    except (ConfigError, CheckpointError, ReferenceError) as exc:
+    except (ConfigError, CheckpointError) as exc:
         print(f"megatron-internvl mpo-reference: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

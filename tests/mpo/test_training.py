@@ -50,6 +50,11 @@ def test_precomputed_reference_equals_model_reference(ranks):
         _close(table["grads"][name], g, f"precomputed gradient of {name}", rtol=1e-5, atol=1e-7)
 
 
+def test_stale_table_is_refused_naming_what_differs(ranks):
+    assert ranks["stale"] is not None and "is stale" in ranks["stale"]
+    assert "checkpoint: path" in ranks["stale"] and "mpo-reference" in ranks["stale"]
+
+
 def test_shared_tiles_give_the_repeated_tiles_result(ranks):
     shared, repeated = ranks["oracle"]["tiles"]
     assert repeated == 2 * shared > 0

@@ -196,6 +196,16 @@ def layouts(data_dir, work) -> dict:
     cfg = _config(data_dir, work, 1, 2, *table)
     precompute(cfg)  # at PP=2; training below at TP=2
     out["tp2_precomputed"] = mpo_step(data_dir, work, 2, 1, *table)
+    # The table was computed with {work}/reference as the reference: refused for another one.
+    from megatron_internvl.data.preference import open_preference_sources
+    from megatron_internvl.training.mpo_reference import ReferenceTableError, TableReference
+
+    other = _config(data_dir, work, 2, 1, *table, f"mpo.reference_checkpoint={work}/policy")
+    try:
+        TableReference(other, open_preference_sources(other.data)[0])
+        out["stale"] = None
+    except ReferenceTableError as exc:
+        out["stale"] = str(exc)
     out["pairs_in_table"] = len(torch.load(f"{work}/reference.pt", weights_only=True)["ids"])
     out["log2"] = math.log(2)
     return out
