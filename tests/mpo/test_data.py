@@ -75,3 +75,22 @@ def test_bad_pairs_are_skipped_and_counted(tiny_data, tmp_path):
                                         "missing_image": 1, "over_budget": 1}
     assert loader.skips.last["prefs/missing_image"] == f"{path}:6"
     assert loader.skips.last["prefs/over_budget"] == f"{path}:7"
+
+
+def test_flops_count_a_pairs_tiles_once(tiny_data):
+    """The official trainer repeats a pair's tiles for each response: twice the ViT work."""
+    from megatron_internvl.training.flops import StepShapes, component_flops
+
+    cfg = _config(tiny_data)
+    b = next(build_preference_loader(cfg.data, build_tokenizer(cfg.data)))
+    from megatron_internvl.training.step import sample_lengths
+
+    lengths, tiles = sample_lengths(b), int(b["pixel_values"].shape[0])
+    assert len(lengths) == 2 * b["num_pairs"] and tiles > 0
+    trainable = {"vision": False, "projector": True, "language": True}  # the mpo stage
+    shared = component_flops(cfg.model, StepShapes(lengths, tiles), trainable)
+    repeated = component_flops(cfg.model, StepShapes(lengths, 2 * tiles), trainable)
+    assert repeated["vision"] == 2 * shared["vision"] and repeated["projector"] == 2 * shared["projector"]
+    assert repeated["language"] == shared["language"]
+    share = lambda f: f["vision"] / sum(f.values())  # noqa: E731
+    assert share(shared) < share(repeated)
