@@ -1,4 +1,5 @@
-"""Plot a run's metrics.jsonl: loss, grad norm and throughput curves as PNG files.
+"""Plot a run's metrics.jsonl: loss, grad norm and throughput curves (and the MPO terms and
+rewards of an MPO run) as PNG files.
 
     python tools/plot_metrics.py RUN_DIR [--out DIR]
 """
@@ -9,6 +10,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+
+MPO_SERIES = [("dpo", "DPO term"), ("bco", "BCO term"), ("sft", "SFT term"),
+              ("reward_accuracy", "reward accuracy"), ("reward_margin", "reward margin"),
+              ("reward_chosen", "chosen reward"), ("reward_rejected", "rejected reward"), ("delta", "BCO delta")]
 
 
 def load(run_dir: Path) -> list[dict]:
@@ -68,11 +74,15 @@ def plot(run_dir: Path, out: Path) -> list[Path]:
         "grad_norm": [("grad_norm", "grad norm")],
         "throughput": [("tokens_per_s", "tokens/s"), ("tflops_per_gpu", "TFLOP/s per GPU")],
     }
+    if any("mpo" in r for r in recs):  # the MPO stage (docs/mpo.md)
+        panels["mpo"] = [(f"mpo.{k}", label) for k, label in MPO_SERIES]
     written = []
     for name, series in panels.items():
         fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.6 * len(series)), squeeze=False)
         for ax, (key, label) in zip(axes[:, 0], series):
-            if key.startswith("dataset_loss."):
+            if key.startswith("mpo."):
+                pts = [(r["step"], r["mpo"][key[4:]]) for r in recs if key[4:] in r.get("mpo", {})]
+            elif key.startswith("dataset_loss."):
                 ds = key.split(".", 1)[1]
                 pts = [(r["step"], r["dataset_loss"][ds]) for r in recs if ds in r.get("dataset_loss", {})]
             else:
