@@ -86,7 +86,7 @@ def submit(cluster: LocalSlurm, run_dir: Path, data: Path, *extra: str, options=
            "parallel.tensor_parallel=2", "training.train_steps=20", "checkpoint.save_interval=100",
            f"data.meta_path={data / 'meta.json'}", f"data.tokenizer_path={data / 'tokenizer.json'}",
            f"logging.run_dir={run_dir}", "logging.progress=false", "logging.tensorboard=false",
-           "data.shard_by=pack", *extra]
+           *extra]
     out = cluster.run(cmd, check=False, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     match = re.search(r"submitted job (\d+)", out.stdout)
