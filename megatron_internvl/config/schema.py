@@ -161,6 +161,14 @@ class ParallelConfig:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.context_parallel > 1:
+            # Refused rather than run wrong: nothing splits a pack over the CP ranks yet, so each
+            # would run the whole pack as if it were its chunk (and the local attention has no CP).
+            raise ConfigError(
+                f"parallel.context_parallel={self.context_parallel} is not supported yet (the "
+                f"training step does not split packs over context-parallel ranks): set it to 1 and "
+                f"use tensor_parallel with sequence_parallel, or pipeline_parallel, for long packs"
+            )
         tp, lang = self.tensor_parallel, model.language
         for what, value in (
             ("model.language.num_heads", lang.num_heads),

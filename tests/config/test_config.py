@@ -80,6 +80,8 @@ def test_resolved_config_roundtrip(tmp_path, base):
         (["model.language.num_kv_heads=3"], "num_heads=4 is not a multiple of model.language.num_kv_heads=3"),
         (["training.train_steps"], "not of the form section.key=value"),
         (["data.datasets=[]"], "data.datasets is empty"),
+        (["parallel.context_parallel=2"], "parallel.context_parallel=2 is not supported yet"),
+        (["model.language.arch=internlm3"], "InternLM3 has no attention biases"),
     ],
 )
 def test_bad_config_names_field_and_fix(base, overrides, needle):
