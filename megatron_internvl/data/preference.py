@@ -180,10 +180,14 @@ def open_preference_sources(cfg: DataConfig):
 def build_preference_loader(cfg: DataConfig, tokenizer: Tokenizer, dp_rank: int = 0, dp_size: int = 1, *,
                             sft_reduction: str = "token", media_loader: Any = None,
                             stop_after: Optional[int] = None, state: Optional[dict] = None):
-    """`build_data_loader` for preference data: an iterator of packed pair micro-batches."""
+    """`build_data_loader` for preference data: an iterator of packed pair micro-batches.
+
+    ``data.shard_by``: ``sample`` (each rank packs its own share) or ``pack`` (every rank packs
+    the global stream and keeps every dp-th pack: the global batch does not depend on DP). The
+    step planner of ``global`` does not plan pairs yet; it is read as ``pack`` here."""
     specs, files = open_preference_sources(cfg)
     media = media_loader or MediaLoader(cfg.image_size, cfg.use_thumbnail, cfg.image_backend, cfg.num_video_frames)
-    if cfg.shard_by == "pack":
+    if cfg.shard_by in ("pack", "global"):
         inner = PreferenceLoader(cfg, tokenizer, specs, files, 0, 1, media, stop_after, sft_reduction)
         loader = PackShardedLoader(inner, dp_rank, dp_size)
     else:
