@@ -147,7 +147,13 @@ def main(argv=None) -> int:
     with open(args.out + ".md", "w") as f:
         f.write(f"# Balanced global batches\n\n`python bench/balance.py {' '.join(argv or sys.argv[1:])}`; "
                 f"{args.steps} steps, {args.micro} packs per rank per step, 16k tokens / 48 tiles per pack; "
-                f"load average {os.getloadavg()[0]:.1f} at the end.\n\n")
+                f"load average {os.getloadavg()[0]:.1f} at the end. Plan time is the CPU time of "
+                f"`StepPlanner.plan` + `deal` per step in one process, from metadata already read (the "
+                f"header-only metadata pass, i.e. tokenizing the samples, is not included). The step "
+                f"budget is one GPU's share of the step's FLOPs at 40% of 989 TFLOP/s, i.e. one GPU "
+                f"per DP rank; a 78B replica spans several GPUs (TP x PP), which shortens its step, "
+                f"and raises the share, by that factor. The worst micro-batches are packs holding "
+                f"one long sample (attention ~ length^2), which no plan can split.\n\n")
         f.write("| model | DP | mode | rank max/mean (median, worst) | micro max/mean (median, worst) | fill | "
                 "plan s/step | share of step budget |\n|---|---|---|---|---|---|---|---|\n")
         for r in rows:

@@ -46,8 +46,10 @@ FORCE_AGE = 2
 
 def lookahead_packs(packs_per_step: int, buffer_size: int) -> int:
     """Packs' worth of tokens the pool holds beyond the step's own: choice for the small units
-    that fill the last room of each pack (`data.pack_buffer_size`, at least an eighth of G)."""
-    return max(buffer_size, packs_per_step // 8)
+    that fill the last room of each pack. About one step's worth (at least 8 packs, at most
+    `data.pack_buffer_size` unless an eighth of the step is more), so a unit waits only a step or
+    two and every step stays a sample of the whole mixture rather than of its heaviest part."""
+    return max(packs_per_step // 8, min(buffer_size, max(packs_per_step, 8)))
 
 
 @dataclass(frozen=True)

@@ -244,18 +244,21 @@ class PlannedLoader:
         return self.real_tokens / (self.packs * self.cfg.max_tokens) if self.packs else 0.0
 
     def stats(self) -> dict[str, Any]:
+        both = SkipStats(counts=dict(self.skips.counts))
+        for k, n in self.decode_skips.counts.items():
+            both.counts[k] = both.counts.get(k, 0) + n
+        plan_room = self.plan_packs * self.cfg.max_tokens
         return {
             "samples_read": self.skips.seen,
             "samples_skipped": self.skips.skipped + self.decode_skips.skipped,
-            "skips_by_reason": {**self.skips.by_reason(), **{
-                k: v + self.skips.by_reason().get(k, 0) for k, v in self.decode_skips.by_reason().items()}},
-            "skips": {**self.skips.counts, **self.decode_skips.counts},
+            "skips_by_reason": both.by_reason(),
+            "skips": dict(both.counts),
             "packs": self.packs,
             "packed_samples": self.samples_packed,
             "real_tokens": self.real_tokens,
             "tiles": self.tiles,
             "fill_ratio": self.fill_ratio,
-            "plan_fill_ratio": self.plan_real_tokens / (self.plan_packs * self.cfg.max_tokens) if self.plan_packs else 0.0,
+            "plan_fill_ratio": self.plan_real_tokens / plan_room if plan_room else 0.0,
         }
 
     # -- resume

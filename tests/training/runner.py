@@ -56,7 +56,7 @@ class Trainer:
         base = [
             f"data.meta_path={self.data / 'meta.json'}", f"data.tokenizer_path={self.data / 'tokenizer.json'}",
             f"logging.run_dir={run_dir}", "logging.progress=false", "logging.tensorboard=false",
-            "training.train_steps=6",
+            "data.balance=none", "training.train_steps=6",
         ]
         recipe = str(ROOT / "examples" / "tiny" / f"{recipe}.yaml")
         if nproc == 1:
