@@ -128,7 +128,8 @@ class PlannedLoader:
         # consumer side
         self._snapshots: dict[int, dict] = {}
         self._plan_stats: dict[int, dict] = {}
-        self._skip_micro = 0          # after a restore: micro-batches of the first step already seen
+        self._restored_step = -1      # after a restore: the step it was saved in, and
+        self._skip_micro = 0          # how many of this rank's micro-batches of it were taken
         self._stream: Optional[Iterator] = None
         self._at = (0, 0)             # (step, micro-batches of it delivered)
         self.decode_skips = SkipStats()
@@ -195,8 +196,6 @@ class PlannedLoader:
                 if s == self._restored_step and m < self._skip_micro:
                     continue
                 yield s, m, packs[k]
-
-    _restored_step = -1
 
     # -- iteration (consumer)
 
