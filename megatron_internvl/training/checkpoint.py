@@ -397,9 +397,10 @@ class CheckpointManager:
         if data_state_wanted and not same_dp and not data_global:
             raise CheckpointError(
                 f"{path} was saved with data-parallel size {common['layout']['dp']} and this run has "
-                f"{_layout()['dp']}: the data stream can only resume exactly at the same DP size "
-                f"(TP/PP may change). Keep the DP size, or set checkpoint.finetune=true to start a "
-                f"new data stream from these weights"
+                f"{_layout()['dp']}: a per-rank data stream (data.shard_by=sample/pack) can only "
+                f"resume at the same DP size (TP/PP may change). Keep the DP size, or set "
+                f"checkpoint.finetune=true to start a new data stream from these weights (runs with "
+                f"data.shard_by=global, the default, resume at any DP size)"
             )
         _prime_optimizer_state(optimizer)
         _skip_torch_adam_step_on_load(optimizer)
