@@ -64,7 +64,7 @@ def test_bad_pairs_are_skipped_and_counted(tiny_data, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join([json.dumps(good)] + bad + [json.dumps(good)]) + "\n")
     (tmp_path / "meta.json").write_text(json.dumps({"prefs": {"root": str(tiny_data), "annotation": str(path)}}))
-    cfg = _config(tiny_data, "meta.json", "data.max_skip_ratio=1.0")
+    cfg = _config(tiny_data, "meta.json", "data.max_skip_ratio=1.0", "data.shard_by=sample")
     cfg.data.meta_path = str(tmp_path / "meta.json")
     loader = build_preference_loader(cfg.data, build_tokenizer(cfg.data), stop_after=8)
     packs = list(loader)
