@@ -50,6 +50,12 @@ def test_precomputed_reference_equals_model_reference(ranks):
         _close(table["grads"][name], g, f"precomputed gradient of {name}", rtol=1e-5, atol=1e-7)
 
 
+def test_reference_precompute_continues_from_finished_chunks(ranks):
+    r = ranks["resumed_table"]
+    assert (r["same_ids"], r["planted_kept"], r["parts_removed"]) == (True, True, True)
+    _close(r["rest"], r["full_rest"], "chunks computed after the restart (TP=2 vs PP=2)", rtol=1e-5, atol=1e-4)
+
+
 def test_stale_table_is_refused_naming_what_differs(ranks):
     assert ranks["stale"] is not None and "is stale" in ranks["stale"]
     assert "checkpoint: path" in ranks["stale"] and "mpo-reference" in ranks["stale"]

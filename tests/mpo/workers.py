@@ -200,6 +200,7 @@ def layouts(data_dir, work) -> dict:
     from megatron_internvl.data.preference import open_preference_sources
     from megatron_internvl.training.mpo_reference import ReferenceTableError, TableReference
 
+    out["resumed_table"] = resumed_precompute(data_dir, work, table)
     other = _config(data_dir, work, 2, 1, *table, f"mpo.reference_checkpoint={work}/policy")
     try:
         TableReference(other, open_preference_sources(other.data)[0])
@@ -209,3 +210,38 @@ def layouts(data_dir, work) -> dict:
     out["pairs_in_table"] = len(torch.load(f"{work}/reference.pt", weights_only=True)["ids"])
     out["log2"] = math.log(2)
     return out
+
+
+def resumed_precompute(data_dir, work, table) -> dict:
+    """mpo-reference continues from the chunk files a crashed run left: chunk 0 is planted with
+    marked values (+1000) and must come back unchanged, the other chunks computed (TP=2)."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    import megatron_internvl.training.mpo_reference as mr
+    from megatron_internvl.data.preference import open_preference_sources, pair_id
+
+    full = torch.load(f"{work}/reference.pt", weights_only=True)
+    mr.CHUNK_PAIRS = 8
+    cfg = _config(data_dir, work, 2, 1, table[0], f"mpo.reference_file={work}/resumed.pt")
+    parts = Path(f"{work}/resumed.pt.parts")
+    if dist.get_rank() == 0:
+        parts.mkdir()
+        stamp = json.dumps(mr.fingerprint(cfg, open_preference_sources(cfg.data)[0]), sort_keys=True)
+        (parts / "fingerprint.json").write_text(stamp)
+        lines = (Path(data_dir) / "preference.jsonl").read_text().splitlines()[:8]  # chunk 0: lines 0-7
+        first = [pair_id("tiny_preference", json.loads(x)) for x in lines]
+        values = torch.stack([full["log_probs"][full["ids"].index(i)] for i in first]) + 1000
+        torch.save({"ids": first, "log_probs": values}, parts / "chunk000000-dp0.pt")
+    dist.barrier()
+    mr.precompute(cfg)
+    mr.CHUNK_PAIRS = 256
+    got = torch.load(f"{work}/resumed.pt", weights_only=True)
+    want = {i: full["log_probs"][k] for k, i in enumerate(full["ids"])}
+    planted = got["ids"][:8]
+    return {"same_ids": sorted(got["ids"]) == sorted(full["ids"]) and len(set(got["ids"])) == len(got["ids"]),
+            "planted_kept": bool(torch.equal(got["log_probs"][:8], torch.stack([want[i] for i in planted]) + 1000)),
+            "rest": got["log_probs"][8:], "full_rest": torch.stack([want[i] for i in got["ids"][8:]]),
+            "parts_removed": not parts.exists()}
