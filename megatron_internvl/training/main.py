@@ -51,16 +51,23 @@ def build_chunks(config: Config, initialize: bool = True):
     return chunks
 
 
-def find_checkpoint(config: Config, save_dir: Path) -> Path | None:
-    """What this run starts from: the newest good checkpoint of checkpoint.load (or of the save
-    directory, to resume), or a single checkpoint directory such as the converter's output."""
-    load_dir = Path(config.checkpoint.load) if config.checkpoint.load else save_dir
+def find_checkpoint(config: Config, save_dir: Path) -> tuple[Path | None, bool]:
+    """What this run starts from, and whether that is its own save (a resume).
+
+    The run's own newest good checkpoint in the save directory always wins: a requeued or
+    restarted job continues where it stopped, whatever checkpoint.load says. Only a run with no
+    checkpoint of its own starts from checkpoint.load (the newest good checkpoint there, or a
+    single checkpoint directory such as the converter's output)."""
+    own = ckpt.CheckpointManager(save_dir).latest_valid() if save_dir.exists() else None
+    if own is not None or not config.checkpoint.load:
+        return own, own is not None
+    load_dir = Path(config.checkpoint.load)
     source = ckpt.CheckpointManager(load_dir).latest_valid() if load_dir.exists() else None
     if source is None and (load_dir / "metadata.json").is_file():
         source = load_dir
-    if config.checkpoint.load and source is None:
+    if source is None:
         raise ckpt.CheckpointError(f"checkpoint.load={load_dir}: no usable checkpoint there")
-    return source
+    return source, False
 
 
 def build_optimizer(config: Config, chunks):
@@ -190,13 +197,13 @@ def run(config: Config, recipe=None, overrides=()) -> int:
         check_data_matches_model(config, tokenizer)
     config.data.pad_to_multiple = _pad_multiple(config)
 
-    source = find_checkpoint(config, save_dir)
+    source, resuming = find_checkpoint(config, save_dir)
     chunks = build_chunks(config, initialize=source is None)
     flags = apply_stage(chunks, t)
     trainable = trainable_components(flags)
     for prefixes, path in ((("language_model.",), config.checkpoint.init_language),
                            (("vision_model.", "projector."), config.checkpoint.init_vision)):
-        if path and not config.checkpoint.load:
+        if path and source is None:
             n = ckpt.load_component(chunks, path, prefixes)
             logger.info("initialised %s from %s (%d tensors)", "/".join(prefixes), path, n)
     ddp, optimizer, scheduler = build_optimizer(config, chunks)
@@ -216,8 +223,9 @@ def run(config: Config, recipe=None, overrides=()) -> int:
     # The planned loader's (and the synthetic one's) state is global: resumable at any DP size.
     data_global = synthetic or (mpo is None and config.data.shard_by == "global")
     if source is not None:
-        # Weights only when asked, or when the checkpoint holds nothing else (converter output).
-        finetune = config.checkpoint.finetune or not ckpt.is_training_checkpoint(source)
+        # Weights only when starting from checkpoint.load with checkpoint.finetune, or when the
+        # checkpoint holds nothing else (converter output); the run's own save: everything.
+        finetune = not resuming and (config.checkpoint.finetune or not ckpt.is_training_checkpoint(source))
         saved_model = ckpt.saved_model_config(source)
         if saved_model is not None:
             ckpt.check_model_config_matches(saved_model, config_to_dict(config)["model"], source)
