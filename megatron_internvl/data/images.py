@@ -19,6 +19,7 @@ generator reproduces the same tiles with either backend.
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 from abc import ABC, abstractmethod
@@ -422,8 +423,15 @@ _LIVE_DALI_DECODERS: "weakref.WeakSet[DALIDecoder]" = weakref.WeakSet()
 
 
 def _release_dali_pipelines_before_fork() -> None:
-    for decoder in list(_LIVE_DALI_DECODERS):
+    decoders = list(_LIVE_DALI_DECODERS)
+    for decoder in decoders:
         decoder._release_pipelines()
+    if decoders:
+        # A pipeline dropped earlier can still wait for the cycle collector (e.g. one held by an
+        # exception's traceback): collected in the child, its destructor would shut down threads
+        # that do not exist there (a segfault of a forked worker, seen once in CI). Collect such
+        # garbage here, in the parent.
+        gc.collect()
 
 
 if hasattr(os, "register_at_fork"):

@@ -277,3 +277,30 @@ def test_dali_decoder_survives_fork(dali):
     assert total == expected
     # and the parent, whose pipelines were shut down for the fork, carries on
     assert float(load_image_tiles(PHOTOS["china"], max_tiles=6, backend=dali).double().sum()) == expected
+
+
+@pytest.mark.timeout(120)
+def test_fork_collects_abandoned_dali_pipelines_first(dali):
+    """A pipeline left to the cycle collector (as one held by an exception's traceback is) must be
+    collected before a fork: collected in the child, its destructor shuts down threads that do not
+    exist there and the worker dies with SIGSEGV (seen once in CI)."""
+    import gc
+    import os
+
+    load_image_tiles(PHOTOS["china"], max_tiles=6, backend=dali)
+    abandoned = {"pipe": dali._build_image_pipe()}
+    abandoned["cycle"] = abandoned
+    del abandoned
+    was_enabled = gc.isenabled()
+    gc.disable()  # no collection between here and the fork but the fork hook's own
+    try:
+        pid = os.fork()
+        if pid == 0:
+            gc.collect()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert not os.WIFSIGNALED(status), f"the forked child died of signal {os.WTERMSIG(status)}"
+    assert os.WEXITSTATUS(status) == 0
