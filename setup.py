@@ -7,14 +7,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ (fused kernels beside their plain-torch references) installs as
-    # megatron_internvl.kernels.
+    # Two top-level folders install inside the package: kernels/ (fused kernels beside their
+    # plain-torch references) as megatron_internvl.kernels, slurm/ (the sbatch templates that
+    # `megatron-internvl slurm` renders) as megatron_internvl.slurm.
     packages=find_packages(include=["megatron_internvl", "megatron_internvl.*"])
     + ["megatron_internvl.kernels"]
-    + ["megatron_internvl.kernels." + p for p in find_packages("kernels")],
-    package_dir={"megatron_internvl.kernels": "kernels"},
-    include_package_data=True,
-    package_data={"megatron_internvl": ["recipes/**/*.yaml"]},
+    + ["megatron_internvl.kernels." + p for p in find_packages("kernels")]
+    + ["megatron_internvl.slurm"],
+    package_dir={"megatron_internvl.kernels": "kernels", "megatron_internvl.slurm": "slurm"},
+    package_data={"megatron_internvl.slurm": ["*.sbatch"]},
     install_requires=[
         # 0.17+ needs Python >= 3.12; 0.16.1 has wheels for cp311 and cp312 (CPU CI and GPU nodes).
         "megatron-core==0.16.1",

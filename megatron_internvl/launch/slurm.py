@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.resources
 import os
 import re
 import shlex
@@ -23,7 +24,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
+# The top-level slurm/ folder, installed as this package (setup.py): found the same way in a
+# wheel, a non-editable install and an editable one.
+TEMPLATES = "megatron_internvl.slurm"
 SETTINGS = re.compile(r"^# >>> settings.*?^# <<< settings\n", re.S | re.M)
 SBATCH_LINE = re.compile(r"^#SBATCH .*\n", re.M)
 
@@ -148,10 +151,10 @@ class Rendered:
 
 def render(req: JobRequest, template: str = "train.sbatch") -> Rendered:
     config = _check(req)
-    path = TEMPLATES / template
+    path = importlib.resources.files(TEMPLATES) / template
     if not path.is_file():
-        raise SlurmError(f"template {path} not found: the slurm/ folder ships with the source tree "
-                         f"(pip install -e . from a clone)")
+        raise SlurmError(f"template {template} not found in {TEMPLATES}: reinstall the package "
+                         f"(pip install . from a clone installs slurm/*.sbatch)")
     text = path.read_text()
     sbatch = SBATCH_LINE.findall(text)
     if not sbatch or not SETTINGS.search(text):

@@ -1,0 +1,1 @@
+"""The sbatch templates, installed as package data of ``megatron_internvl.slurm``."""
