@@ -14,7 +14,7 @@ model shape, every step plans `DP x micro` packs of 16k tokens / 48 tiles and re
 
 `none` is today's packer (`TwoBudgetPacker` over the global stream, packs dealt round-robin);
 `compute` the planner of `data/balance.py` with the FLOPs counter of the model. Costs are the
-project's FLOPs counter (`training/flops.py`) in both columns.
+project's FLOPs counter (`models/flops.py`) in both columns.
 
     python bench/balance.py [--steps 6] [--dp 8 64 512] [--micro 4] [--out bench/results/balance]
 """

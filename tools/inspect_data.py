@@ -37,10 +37,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
-    from megatron_internvl.data.config import DataConfig
-    from megatron_internvl.data.inspection import HeaderOnlyMedia, inspect_stream
-    from megatron_internvl.data.loader import build_data_loader
-    from megatron_internvl.data.samples import MediaLoader
+    from megatron_internvl.config.data import DataConfig
+    from megatron_internvl.data.build import build_data_loader
+    from megatron_internvl.data.inspection import inspect_stream
+    from megatron_internvl.data.media import HeaderOnlyMedia, MediaLoader
 
     logging.basicConfig(level=logging.ERROR if args.json else logging.WARNING, format="%(levelname)s %(message)s")
     cfg = DataConfig(meta_path=args.meta, tokenizer_path=args.tokenizer, template=args.template,

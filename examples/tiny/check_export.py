@@ -17,8 +17,8 @@ import torch
 def main(hf_dir: str, data_dir: str) -> int:
     from transformers import InternVLForConditionalGeneration
 
-    from megatron_internvl.data.config import DataConfig
-    from megatron_internvl.data.loader import build_data_loader
+    from megatron_internvl.config.data import DataConfig
+    from megatron_internvl.data.build import build_data_loader
 
     model, info = InternVLForConditionalGeneration.from_pretrained(hf_dir, output_loading_info=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}

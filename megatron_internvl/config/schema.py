@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_internvl.data.config import DataConfig
+from .data import DataConfig
 
 
 class ConfigError(ValueError):

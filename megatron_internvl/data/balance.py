@@ -19,7 +19,7 @@ it), and works in two stages:
    total that still has a free micro-batch. Only this stage sees the DP size, so the global batch
    of a step is the same at any DP size, and each rank decodes only its own packs.
 
-Costs come from the project's FLOPs counter (`training/flops.py`) for the configured model: LLM
+Costs come from the project's FLOPs counter (`models/flops.py`) for the configured model: LLM
 linear layers and logits per token, causal attention per squared sequence length, ViT and
 projector per tile. With `balance: tokens` the cost of a unit is its token count; `balance: none`
 keeps the streaming two-budget packer and deals packs round-robin (the former global batches).
@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+from megatron_internvl.config.schema import ModelConfig
+from megatron_internvl.models.flops import StepShapes, step_flops
 
 from .packing import TwoBudgetPacker
 
@@ -80,9 +83,7 @@ class CostModel:
 
     @classmethod
     def for_model(cls, model, trainable: Optional[dict] = None) -> "CostModel":
-        """From `training.flops.step_flops`, which is linear in tiles and quadratic in lengths."""
-        from megatron_internvl.training.flops import StepShapes, step_flops
-
+        """From `models.flops.step_flops`, which is linear in tiles and quadratic in lengths."""
         tr = trainable or {"vision": True, "projector": True, "language": True}
         one = step_flops(model, StepShapes([1], 0), tr)
         two = step_flops(model, StepShapes([2], 0), tr)
@@ -103,8 +104,6 @@ def default_cost(balance: str) -> Optional[CostModel]:
     if balance == "tokens":
         return CostModel.tokens()
     if balance == "compute":
-        from megatron_internvl.config.schema import ModelConfig
-
         return CostModel.for_model(ModelConfig())
     return None
 

@@ -4,27 +4,25 @@
 re-exports (tests and external scripts import from here):
 
 * `order`      global sample order (`GlobalOrder`)
-* `samples`    sample building (`SampleBuilder`, `MediaLoader`, `Skip`, `SKIP_REASONS`)
+* `samples`    sample building (`SampleBuilder`, `Skip`, `SKIP_REASONS`)
+* `media`      media readers (`MediaLoader`, `HeaderOnlyMedia`)
 * `stream`     the worker stream (`SampleStream`)
-* `loader`     the packed loader with its state and the entry points (`PackedDataLoader`,
-               `PackShardedLoader`, `build_data_loader`, `build_tokenizer`, the errors)
-* `inspection` dry runs over a mixture (`HeaderOnlyMedia`, `inspect_stream`)
+* `loader`     the per-rank packed loaders (`PackedDataLoader`, `PackShardedLoader`)
+* `state`      skip accounting and the data errors (`SkipStats`, `DataSkipRatioError`,
+               `DataResumeError`)
+* `build`      the entry points (`build_data_loader`, `build_tokenizer`)
+* `inspection` dry runs over a mixture (`inspect_stream`)
 
 New code imports from those modules.
 """
 
-from .inspection import HeaderOnlyMedia, inspect_stream
-from .loader import (
-    DataResumeError,
-    DataSkipRatioError,
-    PackedDataLoader,
-    PackShardedLoader,
-    SkipStats,
-    build_data_loader,
-    build_tokenizer,
-)
+from .build import build_data_loader, build_tokenizer
+from .inspection import inspect_stream
+from .loader import PackedDataLoader, PackShardedLoader
+from .media import HeaderOnlyMedia, MediaLoader
 from .order import GlobalOrder
-from .samples import SKIP_REASONS, MediaLoader, SampleBuilder, Skip, pixels_none
+from .samples import SKIP_REASONS, SampleBuilder, Skip, pixels_none
+from .state import DataResumeError, DataSkipRatioError, SkipStats
 from .stream import SampleStream
 
 __all__ = [

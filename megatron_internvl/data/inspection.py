@@ -4,32 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from .loader import PackedDataLoader
-from .samples import MediaLoader
-from .tiling import tiles_for_image
-
-
-class HeaderOnlyMedia(MediaLoader):
-    """Tile counts from image headers, no pixels: for dry runs over whole datasets.
-
-    Returns [T, 3, 0, 0] tensors; T is what the decoder would produce (the same grid rule).
-    Files PIL cannot even open are reported as corrupt; truncated bodies go unnoticed.
-    Videos are decoded for real (their frame count needs the container).
-    """
-
-    def image_tiles(self, path, *, max_tiles, min_tiles, augment, rng):
-        from PIL import Image
-
-        with Image.open(path) as im:
-            w, h = im.size
-        n = tiles_for_image(w, h, min_tiles, max_tiles, self.image_size, self.use_thumbnail)
-        return torch.empty((n, 3, 0, 0))
-
-    def video_frames(self, path, *, rng):
-        n = int(super().video_frames(path, rng=rng).shape[0])
-        return torch.empty((n, 3, 0, 0))
 
 
 def inspect_stream(loader: PackedDataLoader) -> dict[str, Any]:

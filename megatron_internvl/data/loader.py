@@ -1,6 +1,6 @@
-"""The per-rank packed loader (`data.shard_by=sample`), skip accounting, and `build_data_loader`.
+"""The per-rank packed loaders: `data.shard_by=sample` and `pack`.
 
-`build_data_loader` gives the planned loader of `data/planned.py` by default (global plan, any DP
+`build_data_loader` (`data/build.py`) gives the planned loader of `data/planned.py` by default (global plan, any DP
 size on resume). With `data.shard_by=sample` each rank instead packs its own share of the samples
 (`PackedDataLoader`, below): the main process packs them in their global order (`TwoBudgetPacker`), so the packs do not
 depend on the number of workers. The loader's state is the next local index, the keys of the
@@ -13,76 +13,21 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .config import DataConfig, DatasetSpec
+from megatron_internvl.config.data import DataConfig, DatasetSpec
+
 from .order import GlobalOrder
 from .packing import PackedSample, TwoBudgetPacker, collate_pack
-from .samples import MediaLoader, SampleBuilder, Skip
-from .sources import JsonlFile, all_specs
+from .samples import SampleBuilder, Skip
+from .state import DataResumeError, SkipStats, passthrough
+from .sources import JsonlFile
 from .stream import SampleStream
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer
 
 logger = logging.getLogger("megatron_internvl.data")
-
-
-class DataSkipRatioError(RuntimeError):
-    """Too large a share of the samples read so far were skipped."""
-
-
-class DataResumeError(RuntimeError):
-    """A checkpointed data state cannot be restored onto this configuration or data."""
-
-
-def _identity(item):
-    return item
-
-
-@dataclass
-class SkipStats:
-    """Skips counted per (dataset, reason), with the last file:line seen for each."""
-
-    seen: int = 0
-    skipped: int = 0
-    counts: dict = field(default_factory=dict)     # "dataset/reason" -> n
-    last: dict = field(default_factory=dict)       # "dataset/reason" -> "file:line"
-
-    def by_reason(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for k, n in self.counts.items():
-            r = k.rsplit("/", 1)[1]
-            out[r] = out.get(r, 0) + n
-        return out
-
-    def record(self, s: Skip, cfg: DataConfig, where: str, log: bool = True) -> None:
-        """Count one skip, log it (rate-limited), and enforce data.max_skip_ratio."""
-        self.skipped += 1
-        k = f"{s.dataset}/{s.reason}"
-        self.counts[k] = self.counts.get(k, 0) + 1
-        self.last[k] = f"{s.file}:{s.line}"
-        n = self.counts[k]
-        if log and n <= cfg.skip_warnings:
-            logger.warning("%s", s)
-        elif log and n & (n - 1) == 0:
-            logger.warning("%s (%d %r skips so far in %r; logging every power of two from now on)",
-                           s, n, s.reason, s.dataset)
-        if self.seen >= cfg.skip_ratio_warmup and self.skipped > cfg.max_skip_ratio * self.seen:
-            detail = ", ".join(f"{key}: {c} (last {self.last[key]})" for key, c in sorted(self.counts.items()))
-            raise DataSkipRatioError(
-                f"{self.skipped} of {self.seen} samples read {where} were skipped "
-                f"({self.skipped / self.seen:.1%} > data.max_skip_ratio={cfg.max_skip_ratio}). "
-                f"By dataset/reason: {detail}. Fix or remove the bad data, or raise data.max_skip_ratio."
-            )
-
-    def state_dict(self) -> dict:
-        return {"seen": self.seen, "skipped": self.skipped, "counts": dict(self.counts), "last": dict(self.last)}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.seen, self.skipped = int(d["seen"]), int(d["skipped"])
-        self.counts, self.last = dict(d["counts"]), dict(d["last"])
 
 
 class PackedDataLoader:
@@ -130,7 +75,7 @@ class PackedDataLoader:
         if self.cfg.num_workers and "TOKENIZERS_PARALLELISM" not in os.environ:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self._loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=W, collate_fn=_identity,
+            stream, batch_size=None, num_workers=W, collate_fn=passthrough,
             prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
         )
         return iter(self._loader)
@@ -250,62 +195,6 @@ class PackedDataLoader:
                                   "did the data change since the checkpoint?")
         self._live = {k: built[k] for k in wanted - set(pending)}
         self._pending = [built[k] for k in pending]
-
-
-# --------------------------------------------------------------------------- entry points
-
-def build_tokenizer(cfg: DataConfig) -> Tokenizer:
-    return load_tokenizer(cfg.tokenizer_path)
-
-
-def build_data_loader(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None, dp_rank: int = 0, dp_size: int = 1,
-                      *, media_loader: Any = None, header_media: Any = None, packs_per_step: Optional[int] = None,
-                      cost: Any = None, stop_after: Optional[int] = None, state: Optional[dict] = None):
-    """An iterator of packed micro-batches for one data-parallel rank.
-
-    `data.shard_by=global` (default): the `PlannedLoader`; each step's `packs_per_step` packs
-    (training.global_batch_size; default `dp_size`, one per rank) are planned from metadata read
-    with `header_media` (default: the header-only reader, or `media_loader.header_only()`), balanced
-    with `cost` (a `balance.CostModel`, default from the schema's default model) and this rank
-    decodes its own. `data.shard_by=sample`: the per-rank `PackedDataLoader`.
-    `stop_after` ends the stream after that many samples (global ones for the planned loader,
-    local ones otherwise); otherwise it runs forever over repeated epochs. `state` is a previous
-    `state_dict()`.
-    """
-    cfg.validate()
-    if tokenizer is None:
-        tokenizer = build_tokenizer(cfg)
-    specs = all_specs(cfg.datasets, cfg.meta_path)
-    for s in specs:
-        s.validate()
-    files = [JsonlFile(s.annotation) for s in specs]
-    for s, f in zip(specs, files):
-        if s.length is not None and int(s.length) != len(f):
-            logger.warning("dataset %r: meta says length=%s but %s has %d non-empty lines; using %d",
-                           s.name, s.length, f.path, len(f), len(f))
-    media = media_loader or MediaLoader(cfg.image_size, cfg.use_thumbnail, cfg.image_backend, cfg.num_video_frames)
-    if cfg.shard_by == "sample":
-        loader = PackedDataLoader(cfg, tokenizer, specs, files, dp_rank, dp_size, media, stop_after=stop_after)
-    elif cfg.shard_by == "pack":
-        inner = PackedDataLoader(cfg, tokenizer, specs, files, 0, 1, media, stop_after=stop_after)
-        loader = PackShardedLoader(inner, dp_rank, dp_size)
-    else:
-        from .planned import PlannedLoader
-
-        if header_media is None:
-            if media_loader is None:
-                from .inspection import HeaderOnlyMedia
-
-                header_media = HeaderOnlyMedia(cfg.image_size, cfg.use_thumbnail, cfg.image_backend,
-                                               cfg.num_video_frames)
-            else:
-                header_only = getattr(media_loader, "header_only", None)
-                header_media = header_only() if header_only is not None else media_loader
-        loader = PlannedLoader(cfg, tokenizer, specs, files, dp_rank, dp_size, media, header_media,
-                               packs_per_step or dp_size, cost=cost, stop_after=stop_after)
-    if state is not None:
-        loader.load_state_dict(state)
-    return loader
 
 
 class PackShardedLoader:

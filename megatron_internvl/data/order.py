@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import DatasetSpec
+from megatron_internvl.config.data import DatasetSpec
 
 
 class _Pool:

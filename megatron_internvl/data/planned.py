@@ -25,12 +25,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from .balance import CostModel, StepPlanner, Unit, deal, default_cost, imbalance
-from .config import DataConfig, DatasetSpec
-from .loader import DataResumeError, SkipStats, _identity
+from megatron_internvl.config.data import DataConfig, DatasetSpec
+
 from .order import GlobalOrder
 from .packing import collate_pack
 from .samples import SampleBuilder, Skip
 from .sources import JsonlFile
+from .state import DataResumeError, SkipStats, passthrough
 from .stream import SampleStream
 
 logger = logging.getLogger("megatron_internvl.data")
@@ -145,7 +146,7 @@ class PlannedLoader:
             return iter(stream)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._meta_loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=W, collate_fn=_identity,
+            stream, batch_size=None, num_workers=W, collate_fn=passthrough,
             prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
         return iter(self._meta_loader)
 
@@ -210,7 +211,7 @@ class PlannedLoader:
             return (ds[item] for item in _PlanSampler(self))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._loader = torch.utils.data.DataLoader(
-            ds, batch_size=None, sampler=_PlanSampler(self), num_workers=W, collate_fn=_identity,
+            ds, batch_size=None, sampler=_PlanSampler(self), num_workers=W, collate_fn=passthrough,
             prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
         return iter(self._loader)
 

@@ -28,14 +28,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .config import DataConfig
+from megatron_internvl.config.data import DataConfig
+
 from .loader import PackedDataLoader, PackShardedLoader
 from .loss_weights import square_average_weights
+from .media import MediaLoader
 from .packing import PackedSample
 from .positions import image_deltas, position_ids
-from .samples import MediaLoader, SampleBuilder, _shift_labels, _SkipSample
+from .samples import SampleBuilder, SkipSample, shift_labels
 from .sources import JsonlFile, all_specs
-from .templates import _ROLES, IGNORE_INDEX, place_image_placeholders, tokenize_conversation
+from .templates import IGNORE_INDEX, ROLES, place_image_placeholders, tokenize_conversation
 from .tokenizer import Tokenizer
 
 PAIR_SKIP_REASONS = ("bad_pair",)  # empty or identical responses (besides the SFT reasons)
@@ -60,12 +62,12 @@ def _history(rec: dict) -> list[tuple[str, str]]:
     if conv is None:
         return []
     if not isinstance(conv, list):
-        raise _SkipSample("bad_record", "'conversations' (earlier turns) must be a list")
+        raise SkipSample("bad_record", "'conversations' (earlier turns) must be a list")
     out = []
     for k, turn in enumerate(conv):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in _ROLES:
-            raise _SkipSample("bad_record", f"earlier turn {k} needs 'from' (human/gpt/system) and a string 'value'")
-        out.append((_ROLES[turn["from"]], turn["value"]))
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            raise SkipSample("bad_record", f"earlier turn {k} needs 'from' (human/gpt/system) and a string 'value'")
+        out.append((ROLES[turn["from"]], turn["value"]))
     return out
 
 
@@ -82,12 +84,12 @@ class PairBuilder(SampleBuilder):
         for name in ("question", "chosen", "rejected"):
             value = rec.get(name)
             if not isinstance(value, str):
-                raise _SkipSample("bad_record", f"a preference line needs a string {name!r}")
+                raise SkipSample("bad_record", f"a preference line needs a string {name!r}")
             texts[name] = value
         if not texts["chosen"].strip() or not texts["rejected"].strip():
-            raise _SkipSample("bad_pair", "a response is empty")
+            raise SkipSample("bad_pair", "a response is empty")
         if texts["chosen"] == texts["rejected"]:
-            raise _SkipSample("bad_pair", "the chosen and rejected responses are identical")
+            raise SkipSample("bad_pair", "the chosen and rejected responses are identical")
         paths = self._image_list(rec)
         prompt = place_image_placeholders(_history(rec) + [("user", texts["question"])], len(paths))
         pixels, tiles = self._load_images(spec, paths, rng)
@@ -99,10 +101,10 @@ class PairBuilder(SampleBuilder):
             labels = toks.labels.copy()
             if len(toks.turn_ends) > 1:  # earlier answers are context, not the scored response
                 labels[: toks.turn_ends[-2]] = IGNORE_INDEX
-            seqs.append((toks, _shift_labels(labels)))
+            seqs.append((toks, shift_labels(labels)))
         total = sum(int(t.input_ids.shape[0]) for t, _ in seqs)
         if total > cfg.max_tokens or sum(tiles) > cfg.max_tiles:
-            raise _SkipSample("over_budget", f"the pair needs {total} tokens (prompt twice) / {sum(tiles)} tiles, "
+            raise SkipSample("over_budget", f"the pair needs {total} tokens (prompt twice) / {sum(tiles)} tiles, "
                                              f"over max_tokens={cfg.max_tokens} / max_tiles={cfg.max_tiles}")
         # One V2PE draw per pair: both sequences place the image identically.
         deltas = image_deltas(cfg.v2pe, len(tiles), rng, cfg.v2pe_delta)

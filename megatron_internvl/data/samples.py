@@ -22,8 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .config import DataConfig, DatasetSpec
-from .images import ImageDecodeError, load_image_tiles
+from megatron_internvl.config.data import DataConfig, DatasetSpec
+
+from .images import ImageDecodeError
 from .loss_weights import square_average_weights
 from .packing import PackedSample
 from .positions import image_deltas, position_ids
@@ -41,7 +42,7 @@ from .templates import (
 )
 from .tiling import tile_budget_per_image
 from .tokenizer import Tokenizer
-from .video import VideoDecodeError, load_video_tiles
+from .video import VideoDecodeError
 
 SKIP_REASONS = (
     "malformed_json",       # the line is not a JSON object
@@ -53,27 +54,6 @@ SKIP_REASONS = (
     "image_token_mismatch",  # number of <image> placeholders != number of images
     "over_budget",          # cannot be brought within max_tokens / max_tiles
 )
-
-
-class MediaLoader:
-    """Decodes images and videos into tiles. Tests inject a fake with the same two methods."""
-
-    def __init__(self, image_size: int, use_thumbnail: bool = True, backend: str = "pil",
-                 num_video_frames: int = 8):
-        self.image_size = image_size
-        self.use_thumbnail = use_thumbnail
-        self.backend = backend
-        self.num_video_frames = num_video_frames
-
-    def image_tiles(self, path: str, *, max_tiles: int, min_tiles: int, augment: bool,
-                    rng: np.random.Generator) -> torch.Tensor:
-        return load_image_tiles(path, max_tiles=max_tiles, min_tiles=min_tiles, image_size=self.image_size,
-                                use_thumbnail=self.use_thumbnail, jpeg_augment=augment, rng=rng,
-                                backend=self.backend)
-
-    def video_frames(self, path: str, *, rng: np.random.Generator) -> torch.Tensor:
-        # frames are the middle of equal segments: deterministic, no rng needed
-        return load_video_tiles(path, num_frames=self.num_video_frames, image_size=self.image_size)
 
 
 @dataclass
@@ -88,7 +68,7 @@ class Skip:
         return f"{self.file}:{self.line}: skipped ({self.reason}) in dataset {self.dataset!r}: {self.message}"
 
 
-class _SkipSample(Exception):
+class SkipSample(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
@@ -98,7 +78,7 @@ def pixels_none(image_size: int) -> torch.Tensor:
     return torch.zeros((0, 3, image_size, image_size), dtype=torch.float32)
 
 
-def _shift_labels(labels: np.ndarray) -> np.ndarray:
+def shift_labels(labels: np.ndarray) -> np.ndarray:
     out = np.full_like(labels, IGNORE_INDEX)
     out[:-1] = labels[1:]
     return out
@@ -125,10 +105,10 @@ class SampleBuilder:
             try:
                 rec = parse_record(raw)
             except (ValueError, UnicodeDecodeError) as e:
-                raise _SkipSample("malformed_json", f"not a JSON object ({str(e)[:200]})")
+                raise SkipSample("malformed_json", f"not a JSON object ({str(e)[:200]})")
             rng = np.random.default_rng([self.cfg.seed, global_index])
             return self._build(spec, ds, rec, rng, local_index)
-        except _SkipSample as e:
+        except SkipSample as e:
             return Skip(e.reason, spec.name, f.path, line_no, str(e))
         except TemplateError as e:
             return Skip(e.reason, spec.name, f.path, line_no, str(e))
@@ -145,7 +125,7 @@ class SampleBuilder:
         if spec.kind in ("text", "pretrain"):
             text = rec.get(spec.text_field)
             if not isinstance(text, str) or not text:
-                raise _SkipSample("bad_record", f"no non-empty string field {spec.text_field!r}")
+                raise SkipSample("bad_record", f"no non-empty string field {spec.text_field!r}")
             if spec.kind == "text":
                 # a text corpus has no images: "<image>" in it is just text
                 toks = tokenize_plain(self.tok, text, [], expand_images=False)
@@ -153,18 +133,18 @@ class SampleBuilder:
             paths = self._image_list(rec)
             n_ph = text.count("<image>")
             if n_ph != len(paths):
-                raise _SkipSample("image_token_mismatch", f"{n_ph} <image> placeholder(s) but {len(paths)} image(s)")
+                raise SkipSample("image_token_mismatch", f"{n_ph} <image> placeholder(s) but {len(paths)} image(s)")
             pixels, tiles = self._load_images(spec, paths, rng)
             toks = tokenize_plain(self.tok, text, [t * cfg.num_image_token for t in tiles])
             return self._split_plain(toks, pixels, tiles, ds, rng, j)
 
         turns = normalize_turns(rec.get("conversations"))
         if rec.get("video") and rec.get("image"):
-            raise _SkipSample("bad_record", "a sample has either 'image' or 'video', not both")
+            raise SkipSample("bad_record", "a sample has either 'image' or 'video', not both")
         if "video" in rec and rec["video"]:
             path = rec["video"]
             if not isinstance(path, str):
-                raise _SkipSample("bad_record", "'video' must be a path string")
+                raise SkipSample("bad_record", "'video' must be a path string")
             pixels = self._load_video(spec, path, rng)
             tiles = [1] * int(pixels.shape[0])
             turns = place_video_frames(turns, len(tiles))
@@ -189,7 +169,7 @@ class SampleBuilder:
             return [img]
         if isinstance(img, list) and all(isinstance(p, str) and p for p in img):
             return list(img)
-        raise _SkipSample("bad_record", "'image' must be a path or a list of paths")
+        raise SkipSample("bad_record", "'image' must be a path or a list of paths")
 
     def _load_images(self, spec: DatasetSpec, paths: list[str], rng) -> tuple[torch.Tensor, list[int]]:
         if not paths:
@@ -201,12 +181,12 @@ class SampleBuilder:
         for rel in paths:
             path = resolve_media(spec.root, rel)
             if not os.path.isfile(path):
-                raise _SkipSample("missing_image", f"image {path!r} does not exist")
+                raise SkipSample("missing_image", f"image {path!r} does not exist")
             try:
                 t = self.media.image_tiles(path, max_tiles=budget, min_tiles=min_tiles,
                                            augment=spec.data_augment, rng=rng)
             except (ImageDecodeError, OSError) as e:
-                raise _SkipSample("corrupt_image", f"image {path!r} cannot be decoded: {str(e)[:200]}")
+                raise SkipSample("corrupt_image", f"image {path!r} cannot be decoded: {str(e)[:200]}")
             out.append(t)
             tiles.append(int(t.shape[0]))
         return torch.cat(out, dim=0), tiles
@@ -214,13 +194,13 @@ class SampleBuilder:
     def _load_video(self, spec: DatasetSpec, rel: str, rng) -> torch.Tensor:
         path = resolve_media(spec.root, rel)
         if not os.path.exists(path):
-            raise _SkipSample("unreadable_video", f"video {path!r} does not exist")
+            raise SkipSample("unreadable_video", f"video {path!r} does not exist")
         try:
             frames = self.media.video_frames(path, rng=rng)
         except (VideoDecodeError, OSError) as e:
-            raise _SkipSample("unreadable_video", f"video {path!r} cannot be decoded: {str(e)[:200]}")
+            raise SkipSample("unreadable_video", f"video {path!r} cannot be decoded: {str(e)[:200]}")
         if frames.shape[0] == 0:
-            raise _SkipSample("unreadable_video", f"video {path!r} yielded no frames")
+            raise SkipSample("unreadable_video", f"video {path!r} yielded no frames")
         return frames
 
     def _fit_conversation(self, toks: Tokenized, tiles: list[int]) -> tuple[int, int]:
@@ -235,7 +215,7 @@ class SampleBuilder:
             k = sum(1 for s, e in toks.image_spans if e < cut)
             if sum(tiles[:k]) <= T:
                 return cut, k
-        raise _SkipSample(
+        raise SkipSample(
             "over_budget",
             f"{n} tokens / {sum(tiles)} tiles, and not even the first answer fits "
             f"max_tokens={L} / max_tiles={T}",
@@ -249,7 +229,7 @@ class SampleBuilder:
         blocks = [(s - 1, e + 1) for s, e in toks.image_spans]
         for k, (b0, b1) in enumerate(blocks):
             if b1 - b0 > L or tiles[k] > T:
-                raise _SkipSample("over_budget", f"image {k} needs {b1 - b0} tokens / {tiles[k]} tiles, "
+                raise SkipSample("over_budget", f"image {k} needs {b1 - b0} tokens / {tiles[k]} tiles, "
                                                  f"over max_tokens={L} / max_tiles={T}")
         tile_start = np.concatenate(([0], np.cumsum(tiles))).astype(int) if tiles else np.zeros(1, int)
         pieces = []
@@ -275,7 +255,7 @@ class SampleBuilder:
         cfg = self.cfg
         deltas = image_deltas(cfg.v2pe, len(spans), rng, cfg.v2pe_delta)
         pos = position_ids(int(ids.shape[0]), spans, deltas)
-        shifted = _shift_labels(labels)
+        shifted = shift_labels(labels)
         weights = square_average_weights(shifted, cfg.loss_reduction)
         return PackedSample(
             input_ids=np.ascontiguousarray(ids, dtype=np.int64),

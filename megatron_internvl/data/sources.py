@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from .config import DatasetSpec
+from megatron_internvl.config.data import DatasetSpec
 
 _META_KEYS = {"root", "annotation", "data_augment", "max_dynamic_patch", "min_dynamic_patch",
               "repeat_time", "length", "kind", "template", "text_field"}

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import DataConfig
+from megatron_internvl.config.data import DataConfig
+
 from .loss_weights import IGNORE_INDEX, square_average_weights
 from .packing import PackedSample, collate_pack
 

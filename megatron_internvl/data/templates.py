@@ -55,7 +55,7 @@ TEMPLATES = {
     "plain": Template("plain", chat=False),
 }
 
-_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 def get_template(name: str) -> Template:
@@ -72,7 +72,7 @@ def normalize_turns(conversations) -> list[tuple[str, str]]:
     for k, turn in enumerate(conversations):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise TemplateError("bad_record", f"turn {k} lacks 'from'/'value'")
-        role = _ROLES.get(turn["from"])
+        role = ROLES.get(turn["from"])
         if role is None:
             raise TemplateError("bad_record", f"turn {k} has unknown role {turn['from']!r}")
         if not isinstance(turn["value"], str):

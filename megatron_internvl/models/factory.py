@@ -204,3 +204,23 @@ def build_internvl_model(model, parallel, precision="fp32", pre_process=True, po
                                   model.language.hidden_size, model.projector_norm_eps)
     return InternVLModel(language, vision, projector, model.image_token_id, model.num_image_token,
                          model.downsample_ratio)
+
+
+def build_model_chunks(config, initialize: bool = True) -> list:
+    """This rank's model chunks (one, or one per virtual pipeline stage) on the compute device,
+    for the whole run's config. ``initialize=False`` when a checkpoint will overwrite every weight."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_internvl.parallel.distributed import compute_device
+
+    vpp = config.parallel.virtual_pipeline_parallel or 1
+    chunks = []
+    for vp in range(vpp):
+        vp_stage = vp if vpp > 1 else None
+        chunks.append(build_internvl_model(
+            config.model, config.parallel, config.training.precision,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage, initialize=initialize,
+        ).to(compute_device()))
+    return chunks

@@ -4,7 +4,7 @@
 (divisibility, heads, batch arithmetic), the checks only a cluster size can answer (interleaved
 micro-batch groups, fixed-length packs, the image token inside the vocabulary), then the memory
 model of :mod:`.memory` per pipeline stage and the step time from the project's FLOPs counter
-(``training/flops.py``) at an assumed MFU, with the pipeline bubble and stage imbalance.
+(``models/flops.py``) at an assumed MFU, with the pipeline bubble and stage imbalance.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_internvl.config.schema import ConfigError
+from megatron_internvl.models.flops import (StepShapes, component_flops, llm_forward_flops,
+                                             step_flops, vit_forward_flops)
 from megatron_internvl.models.padding import padded_num_heads, padded_vocab_size
-from megatron_internvl.training.flops import (StepShapes, component_flops, llm_forward_flops,
-                                              step_flops, vit_forward_flops)
+from megatron_internvl.parallel.sequence import pack_pad_multiple
 from megatron_internvl.training.stages import stage_freeze_flags, trainable_components
 
 from .memory import GiB, Hardware, StageMemory, pack_tiles, stage_memory
-from .params import stage_llm_layers
+from .params import stage_llm_layers, stage_params
 
 
 @dataclass
@@ -125,8 +126,6 @@ def communication_seconds(config, world_size: int, gpus_per_node: int, hardware)
     dp = world_size // (tp * cp * pp)
     dp_seconds = 0.0
     if dp * cp > 1 and not p.overlap_grad_reduce:
-        from .params import stage_params
-
         trainable = max(s.trainable for s in stage_params(model, p, config.training))
         shards = dp * cp
         dp_seconds = (shards - 1) / shards * trainable * (4 + 2) / gbps(world_size)
@@ -153,9 +152,7 @@ def check_cluster_layout(config, world_size: int, gpus_per_node: int | None = No
             f"virtual_pipeline_parallel={vpp}) needs a multiple of parallel.pipeline_parallel="
             f"{p.pipeline_parallel}: make the global batch a multiple of "
             f"{p.pipeline_parallel * dp * t.micro_batch_size}")
-    from megatron_internvl.training.main import _pad_multiple
-
-    _pad_multiple(config)  # fixed-length packs under VPP must split for SP / CP / FP8
+    pack_pad_multiple(config)  # fixed-length packs under VPP must split for SP / CP / FP8
     if p.pipeline_parallel > 1 and m < p.pipeline_parallel:
         warnings.append(
             f"{m} micro-batches per step for {p.pipeline_parallel} pipeline stages: most of the "
@@ -219,8 +216,6 @@ def make_plan(config, nodes: int, gpus_per_node: int, hardware: Hardware | None 
                      f"(zero heads: {100 * (heads - vis.num_heads) / heads:.0f}% of ViT attention "
                      f"compute is padding)")
     if p.pipeline_parallel > 1 and vpp == 1:
-        from .search import balanced_first_stage_layers
-
         best = balanced_first_stage_layers(config)
         if best != p.first_stage_llm_layers:
             split = "the even split" if best is None else f"parallel.first_stage_llm_layers={best}"
@@ -230,6 +225,25 @@ def make_plan(config, nodes: int, gpus_per_node: int, hardware: Hardware | None 
                      "keeps no score matrix, so it saves no memory here (use full)")
     plan = Plan(world, dp, m, stages, flops, per_stage, step, ideal, hardware, notes, warnings)
     return plan
+
+
+def balanced_first_stage_layers(config) -> int | None:
+    """The first stage's LLM layer count with the smallest slowest-stage time (None: the even
+    split is at least as good)."""
+    p, layers = config.parallel, config.model.language.num_layers
+    if p.pipeline_parallel == 1 or (p.virtual_pipeline_parallel or 1) > 1:
+        return None
+    shapes = pack_shape(config)
+    best, best_time = None, None
+    options = [None] if layers % p.pipeline_parallel == 0 else []
+    options += [f for f in range(0, layers + 1) if (layers - f) % (p.pipeline_parallel - 1) == 0
+                and (layers - f) // (p.pipeline_parallel - 1) >= 1]
+    for first in options:
+        trial = dataclasses.replace(config, parallel=dataclasses.replace(p, first_stage_llm_layers=first))
+        slowest = max(stage_flops(trial, shapes))
+        if best_time is None or slowest < best_time * (1 - 1e-9):
+            best, best_time = first, slowest
+    return best
 
 
 def unfit_message(plan: Plan) -> str:

@@ -42,7 +42,7 @@ def format_plan(config, plan: Plan, nodes: int, gpus_per_node: int) -> str:
     lines.append(f"peak {plan.peak_bytes / GiB:.1f} GiB of {plan.hardware.gpu_mem_gib:g} GiB: {verdict}")
     lines.append("")
     hw = plan.hardware
-    lines.append(f"FLOPs per step {plan.flops_per_step:.3e} (training/flops.py, packs of samples of "
+    lines.append(f"FLOPs per step {plan.flops_per_step:.3e} (models/flops.py, packs of samples of "
                  f"{d.synthetic.sample_tokens} tokens)")
     lines.append(f"step time at MFU {hw.mfu:.2f} of {hw.peak_tflops:g} TFLOP/s: "
                  f"{plan.step_seconds:.2f} s with the pipeline bubble and stage balance "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from megatron_internvl.config.schema import ConfigError
 
-from .layout import Plan, make_plan, pack_shape, stage_flops
+from .layout import Plan, balanced_first_stage_layers, make_plan
 from .memory import Hardware
 
 
@@ -35,25 +35,6 @@ def with_layout(config, tp: int, pp: int, cp: int, vpp, first, recompute: str):
         virtual_pipeline_parallel=vpp, first_stage_llm_layers=first, sequence_parallel=tp > 1)
     model = dataclasses.replace(config.model, recompute=recompute)
     return dataclasses.replace(config, parallel=parallel, model=model)
-
-
-def balanced_first_stage_layers(config) -> int | None:
-    """The first stage's LLM layer count with the smallest slowest-stage time (None: the even
-    split is at least as good)."""
-    p, layers = config.parallel, config.model.language.num_layers
-    if p.pipeline_parallel == 1 or (p.virtual_pipeline_parallel or 1) > 1:
-        return None
-    shapes = pack_shape(config)
-    best, best_time = None, None
-    options = [None] if layers % p.pipeline_parallel == 0 else []
-    options += [f for f in range(0, layers + 1) if (layers - f) % (p.pipeline_parallel - 1) == 0
-                and (layers - f) // (p.pipeline_parallel - 1) >= 1]
-    for first in options:
-        trial = dataclasses.replace(config, parallel=dataclasses.replace(p, first_stage_llm_layers=first))
-        slowest = max(stage_flops(trial, shapes))
-        if best_time is None or slowest < best_time * (1 - 1e-9):
-            best, best_time = first, slowest
-    return best
 
 
 def search_layouts(config, nodes: int, gpus_per_node: int, hardware: Hardware | None = None,

@@ -18,7 +18,7 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_internvl.parallel.distributed import compute_device
 
-from .flops import StepShapes
+from megatron_internvl.models.flops import StepShapes
 from .loss import backward_scale, fused_weighted_token_loss, global_weight_sum, weighted_token_loss
 
 

@@ -164,7 +164,7 @@ def make_toy_data(root: str, n_single: int = 40, n_multi: int = 12, n_text: int 
 
 
 def toy_config(meta: str, tokenizer: str, **kw):
-    from megatron_internvl.data.config import DataConfig
+    from megatron_internvl.config.data import DataConfig
 
     base = dict(meta_path=meta, tokenizer_path=tokenizer, image_size=8, num_image_token=4, max_tokens=512,
                 system_message="You are a helpful assistant.",

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from megatron_internvl.data.config import DataConfig, DatasetSpec
+from megatron_internvl.config.data import DataConfig, DatasetSpec
 from megatron_internvl.data.dataset import DataSkipRatioError, build_data_loader
 
 from .helpers import FakeMedia, conv, train_bpe, write_image, write_jsonl

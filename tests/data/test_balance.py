@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from megatron_internvl.data.balance import CostModel, StepPlanner, Unit, deal, form_packs, imbalance
-from megatron_internvl.data.loader import build_data_loader
-from megatron_internvl.training.flops import StepShapes, step_flops
+from megatron_internvl.data.build import build_data_loader
+from megatron_internvl.models.flops import StepShapes, step_flops
 
 from .helpers import FakeMedia, batch_digest, make_toy_data, toy_config, train_bpe
 

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from megatron_internvl.data.config import DataConfig, DatasetSpec
+from megatron_internvl.config.data import DataConfig, DatasetSpec
 from megatron_internvl.data.dataset import GlobalOrder, build_data_loader
 from megatron_internvl.data.sources import JsonlFile, SourceError, load_meta
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from megatron_internvl.data.config import DataConfig
+from megatron_internvl.config.data import DataConfig
 from megatron_internvl.data.dataset import build_data_loader, inspect_stream
 
 from .helpers import make_toy_data, train_bpe

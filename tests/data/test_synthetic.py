@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_internvl.data.config import DataConfig, SyntheticConfig
+from megatron_internvl.config.data import DataConfig, SyntheticConfig
 from megatron_internvl.data.synthetic import SyntheticPackLoader
 
 IMG = 7

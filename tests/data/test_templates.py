@@ -45,7 +45,7 @@ def spm_model(tmp_path_factory):
 
 def one_sample(tmp_path, tokenizer_path, record, *, kind="chat", **cfg_kw):
     """Run one annotation line through the real loader (real image decoding); return the pack."""
-    from megatron_internvl.data.config import DataConfig, DatasetSpec
+    from megatron_internvl.config.data import DataConfig, DatasetSpec
 
     ann = write_jsonl(str(tmp_path / "ann.jsonl"), [record])
     spec = DatasetSpec(name="d", annotation=ann, root=os.path.dirname(PHOTO), kind=kind, max_dynamic_patch=12)
@@ -296,7 +296,7 @@ def test_text_only_conversation_and_corpus(tmp_path, bpe):
 def test_video_frames_one_tile_each(tmp_path, bpe):
     from .helpers import write_video
 
-    from megatron_internvl.data.config import DataConfig, DatasetSpec
+    from megatron_internvl.config.data import DataConfig, DatasetSpec
 
     write_video(str(tmp_path / "clip.mp4"), frames=6)
     ann = write_jsonl(str(tmp_path / "v.jsonl"), [{"video": "clip.mp4", "conversations": [

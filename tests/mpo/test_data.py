@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from megatron_internvl.config import load_config
-from megatron_internvl.data.loader import build_tokenizer
+from megatron_internvl.data.build import build_tokenizer
 from megatron_internvl.data.preference import build_preference_loader
 from training.runner import ROOT
 
@@ -79,7 +79,7 @@ def test_bad_pairs_are_skipped_and_counted(tiny_data, tmp_path):
 
 def test_flops_count_a_pairs_tiles_once(tiny_data):
     """The official trainer repeats a pair's tiles for each response: twice the ViT work."""
-    from megatron_internvl.training.flops import StepShapes, component_flops
+    from megatron_internvl.models.flops import StepShapes, component_flops
 
     cfg = _config(tiny_data)
     b = next(build_preference_loader(cfg.data, build_tokenizer(cfg.data)))

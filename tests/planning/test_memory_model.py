@@ -118,7 +118,7 @@ def test_stage_layers_and_freezing():
 def test_stage_flops_split_the_projects_count_and_step_time_by_hand():
     from megatron_internvl.planning import Hardware, make_plan
     from megatron_internvl.planning.layout import pack_shape, stage_flops
-    from megatron_internvl.training.flops import step_flops
+    from megatron_internvl.models.flops import step_flops
     from megatron_internvl.training.stages import stage_freeze_flags, trainable_components
 
     base = {"data": {"synthetic": {"sample_tokens": 2048, "tiles_per_sample": 6}},

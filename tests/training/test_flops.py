@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_internvl.config import ModelConfig, build_dataclass
-from megatron_internvl.training.flops import StepShapes, step_flops
+from megatron_internvl.models.flops import StepShapes, step_flops
 
 MODEL = build_dataclass(ModelConfig, {
     "vision": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_hidden_size": 64,
