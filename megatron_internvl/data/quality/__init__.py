@@ -5,5 +5,6 @@ Modules: `settings` (the rules file), `records` (the text of an annotation line,
 `repetition` (repeated n-grams, sentences, looping suffixes, compression), `rules` (the
 heuristic rules and the per-sample check), `lengths` (a dataset's length distribution in
 bounded memory), `scorer` (LLM domain and quality scoring), `pipeline` (the resumable
-multi-process run), `review` (the review file and applying it), `report` (JSON, table, chart).
+multi-process run), `manifest` (what a run folder records about its inputs, shared by the run
+and the review), `review` (the review file and applying it), `report` (JSON, table, chart).
 """

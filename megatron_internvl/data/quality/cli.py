@@ -20,7 +20,8 @@ def filter_main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="processes for the rule checks")
     args = p.parse_args(argv)
 
-    from .pipeline import FilterError, run_filter
+    from .manifest import FilterError
+    from .pipeline import run_filter
     from .settings import RulesError, load_settings
 
     try:

@@ -68,21 +68,6 @@ def dataset_folder_names(names: list[str]) -> dict[str, str]:
     return out
 
 
-def _input_stamp(path: str) -> dict:
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def check_input_unchanged(entry: dict) -> None:
-    path = entry["input"]["path"]
-    if not os.path.isfile(path):
-        raise FilterError(f"annotation {path} of dataset {entry['name']!r} no longer exists.")
-    now = _input_stamp(path)
-    if (now["size"], now["mtime_ns"]) != (entry["input"]["size"], entry["input"]["mtime_ns"]):
-        raise FilterError(f"annotation {path} of dataset {entry['name']!r} changed since it was filtered "
-                          f"(size or modification time differ); filter it again into a fresh --out folder.")
-
-
 # --------------------------------------------------------------------------- the three steps
 
 def stats_chunk(path: str, start: int, end: int, kind: str, text_field: str, k: int, seed: int) -> dict:
@@ -138,13 +123,6 @@ def _flag_line(line_no: int, raw: bytes, evidence: list[dict]) -> bytes:
     return (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def read_flagged(path: str):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
 # --------------------------------------------------------------------------- the run
 
 class FilterRun:
@@ -169,7 +147,7 @@ class FilterRun:
             if not os.path.isfile(s.annotation):
                 raise FilterError(f"dataset {s.name!r}: annotation {s.annotation} does not exist; fix the meta file.")
             entries.append({"name": s.name, "folder": folders[s.name], "kind": s.kind, "text_field": s.text_field,
-                            "root": os.path.abspath(s.root) if s.root else "", "input": _input_stamp(s.annotation),
+                            "root": os.path.abspath(s.root) if s.root else "", "input": input_stamp(s.annotation),
                             "meta_entry": raw_meta[s.name]})
         return {"meta": self.meta_path, "settings": self.settings.fingerprint(),
                 "scorer": self.scorer_dir, "datasets": entries}

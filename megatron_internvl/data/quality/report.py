@@ -14,6 +14,8 @@ import os
 from typing import Optional
 
 from .chunks import write_atomic, write_json
+from .rules import HEURISTIC_RULES, REPETITION_RULES
+from .scorer import SCORER_RULES
 
 
 def _add(into: dict, rules: dict) -> None:
@@ -36,9 +38,6 @@ def dataset_report(name: str, checks: list[dict], scores: list[dict], kept: int,
             unparsable[k] = unparsable.get(k, 0) + v
         for k, v in s["domains"].items():
             domains[k] = domains.get(k, 0) + v
-    from .rules import HEURISTIC_RULES, REPETITION_RULES
-    from .scorer import SCORER_RULES
-
     order = {name: k for k, name in enumerate(HEURISTIC_RULES + REPETITION_RULES + SCORER_RULES)}
     rules = {name: rules[name] for name in sorted(rules, key=lambda n: order.get(n, len(order)))}
     for r in rules.values():

@@ -22,6 +22,8 @@ import os
 from typing import Callable, Optional
 
 from .chunks import AtomicWriter, is_blank, read_json, read_lines, write_atomic, write_json
+from .manifest import MANIFEST, FilterError, check_input_unchanged, read_flagged
+from .records import excerpt
 
 REVIEW_FILE = "review.tsv"
 DECISIONS = ("keep", "drop")
@@ -45,8 +47,6 @@ def _one_line(text: str, limit: int) -> str:
 
 
 def write_review_file(dataset: str, flagged_path: str, review_path: str) -> int:
-    from .records import excerpt
-
     n = 0
     with AtomicWriter(review_path) as out:
         out.write((f"# Review of dataset {dataset!r}: one line per flagged sample.\n"
@@ -99,8 +99,6 @@ def read_review(path: str, flagged_lines: set[int]) -> dict[int, str]:
 
 def apply_review(filter_dir: str, out_dir: str, log: Optional[Callable[[str], None]] = None) -> dict:
     """Write the reviewed mixture to `out_dir` (jsonl per dataset + meta.json); returns a summary."""
-    from .pipeline import MANIFEST, FilterError, check_input_unchanged, read_flagged
-
     log = log or (lambda msg: None)
     filter_dir, out_dir = os.path.abspath(filter_dir), os.path.abspath(out_dir)
     manifest_path = os.path.join(filter_dir, MANIFEST)
