@@ -32,16 +32,11 @@ from ..sources import SourceError, load_meta
 from . import review
 from .chunks import AtomicWriter, chunk_ranges, is_blank, read_json, read_lines, write_json
 from .lengths import LengthLimits, LengthSketch, limits_from
+from .manifest import MANIFEST, FilterError, input_stamp, read_flagged
 from .records import Unreadable, read_view
 from .report import dataset_report, write_report
 from .rules import check_line, enabled_rules
 from .settings import FilterSettings
-
-MANIFEST = "manifest.json"
-
-
-class FilterError(RuntimeError):
-    """The output folder or the input cannot be used as asked."""
 
 
 @dataclass
