@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Callable, Optional
 
-from ..config import DatasetSpec
+from megatron_internvl.config.data import DatasetSpec
 from ..sources import SourceError, load_meta
 from . import review
 from .chunks import AtomicWriter, chunk_ranges, is_blank, read_json, read_lines, write_json

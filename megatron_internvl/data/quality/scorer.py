@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import DatasetSpec
+from megatron_internvl.config.data import DatasetSpec
 from .chunks import is_blank, read_lines
 from .records import SampleView, Unreadable, read_view
 from .settings import ScorerSettings
