@@ -77,9 +77,9 @@ def _has(module: str) -> bool:
 
 
 def _python_env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
+    # The package is the installed one (run.sh installs the checkout): the processes below start
+    # in the checkout, where `python -m` would otherwise put it first on sys.path.
+    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONSAFEPATH="1")
 
 
 def _worker(args: list[str], out_json: Path, logf, timeout: float, env=None) -> dict:
@@ -144,6 +144,7 @@ def environment() -> dict:
     import torch
     import transformers
 
+    import megatron_internvl
     from megatron_internvl.models import attention
     from megatron_internvl.models.specs import describe_spec
 
@@ -163,6 +164,7 @@ def environment() -> dict:
         "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
         "triton": version("triton"), "transformers": transformers.__version__,
         "megatron_core": version("megatron-core"),
+        "megatron_internvl": str(Path(megatron_internvl.__file__).resolve().parent),
         "transformer_engine": version("transformer-engine") if _has("transformer_engine") else None,
         "dali": _has("nvidia.dali"),
         "spec_auto": describe_spec("auto"),
@@ -298,7 +300,7 @@ def hf_train(recipe: Path, overrides: list[str], steps: int, warmup: int) -> dic
     from megatron_internvl.config.loader import load_config
     from megatron_internvl.convert.hf_config import export_config
     from megatron_internvl.data.synthetic import SyntheticPackLoader
-    from megatron_internvl.training.flops import StepShapes, device_peak_tflops, step_flops
+    from megatron_internvl.models.flops import StepShapes, device_peak_tflops, step_flops
     from megatron_internvl.training.step import sample_lengths
 
     config = load_config(recipe, overrides, world_size=1, require_data=False)
@@ -494,7 +496,7 @@ def summary_md(res: dict, smoke: bool) -> str:
                          f"{_fmt(r.get('mfu'), '.3f')} | {_fmt(r.get('step_time_s'), '.3f')} | "
                          f"{_fmt(r.get('peak_memory_gb'), '.1f')} | {_fmt(r.get('final_loss'), '.3f')} | {_fmt(ratio, '.2f')} |")
     lines += ["", "Tokens and tiles are the real ones of each step (padding not counted); FLOPs by "
-              "`megatron_internvl/training/flops.py` for both trainers; MFU against "
+              "`megatron_internvl/models/flops.py` for both trainers; MFU against "
               f"{res.get('peak_tflops') or '-'} TFLOP/s dense BF16; medians over the steps after the warm-up.",
               "", "## Profile", ""]
     pr = res.get("profile", {})
@@ -531,7 +533,7 @@ def summary_md(res: dict, smoke: bool) -> str:
 def run_all(out_dir: Path, smoke: bool, steps: int, warmup: int, command: str) -> int:
     import torch
 
-    from megatron_internvl.training.flops import device_peak_tflops
+    from megatron_internvl.models.flops import device_peak_tflops
 
     t_start = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)

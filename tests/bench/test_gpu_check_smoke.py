@@ -25,6 +25,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
     for name in ("env.json", "correctness.json", "throughput.json"):
         assert json.loads((out / name).read_text())
     assert res["ok"] and res["env"]["torch"] and res["env"]["spec_auto"].startswith("local")
+    # run.sh installed the checkout into its own virtualenv; the check did not import the checkout.
+    assert ROOT not in Path(res["env"]["megatron_internvl"]).parents
 
     forward = res["forward"]
     assert set(forward["batches"]) == {"text", "image"}
