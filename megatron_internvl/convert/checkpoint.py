@@ -1,34 +1,19 @@
-"""A converted checkpoint directory, and building / loading its model at any layout.
+"""Converter helpers over a checkpoint directory: staging and committing an output directory,
+reading its model config for a command-line tool, building / loading its model at any layout.
 
-Layout of a directory written by ``import``::
-
-    OUT/metadata.json, common.pt, *.distcp   megatron dist_checkpointing (torch_dist), key "model"
-    OUT/model.yaml                           the project's ``model:`` section (usable as a recipe base)
-    OUT/conversion.json                      source format, dtype, tied embeddings, layout saved at
-    OUT/hf/                                  the original config.json, tokenizer and other small
-                                             files, so that export can restore them
+What the directory holds is :mod:`megatron_internvl.checkpoint.layout`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
-import yaml
+from megatron_internvl.checkpoint.layout import MODEL_YAML, saved_model_config
 
 from . import ConversionError
-
-MODEL_YAML = "model.yaml"
-CONVERSION_JSON = "conversion.json"
-HF_SUBDIR = "hf"
-# Small files of a HF model directory worth keeping (weights are not).
-_HF_KEEP_SUFFIXES = (".json", ".py", ".model", ".txt", ".tiktoken", ".jinja", ".md")
-_HF_SKIP = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
 
 
 # --- the directory --------------------------------------------------------------------------------
@@ -53,41 +38,17 @@ def commit_dir(staging: Path, out: Path) -> None:
         os.replace(staging, out)
 
 
-def copy_hf_files(src: Path, dst: Path) -> list[str]:
-    """Copy config, tokenizer and code files (never weights) from ``src`` to ``dst``."""
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for path in sorted(Path(src).iterdir()):
-        if path.is_file() and path.name.endswith(_HF_KEEP_SUFFIXES) and path.name not in _HF_SKIP:
-            shutil.copy2(path, dst / path.name)
-            copied.append(path.name)
-    return copied
-
-
-def write_sidecars(directory: Path, model_cfg, info: dict, hf_dir=None) -> None:
-    directory = Path(directory)
-    (directory / MODEL_YAML).write_text(yaml.safe_dump({"model": asdict(model_cfg)}, sort_keys=False))
-    (directory / CONVERSION_JSON).write_text(json.dumps(info, indent=2) + "\n")
-    if hf_dir is not None:
-        copy_hf_files(Path(hf_dir), directory / HF_SUBDIR)
-
-
 def read_model_config(ckpt):
     from megatron_internvl.config import ModelConfig, build_dataclass
 
     path = Path(ckpt) / MODEL_YAML
-    if not path.is_file():
+    model = saved_model_config(ckpt)
+    if model is None:
         raise ConversionError(
             f"{path} not found: --ckpt must be a directory written by 'convert import' "
             f"(or a checkpoint with the model.yaml of its model next to it)"
         )
-    data = yaml.safe_load(path.read_text()) or {}
-    return build_dataclass(ModelConfig, data.get("model", data), "model")
-
-
-def read_info(ckpt) -> dict:
-    path = Path(ckpt) / CONVERSION_JSON
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return build_dataclass(ModelConfig, model, "model")
 
 
 def check_checkpoint_dir(ckpt) -> Path:

@@ -14,8 +14,10 @@ import shutil
 import time
 from pathlib import Path
 
+from megatron_internvl.checkpoint.layout import HF_SUBDIR, read_info
+
 from . import ConversionError
-from .checkpoint import HF_SUBDIR, check_checkpoint_dir, read_info, read_model_config
+from .checkpoint import check_checkpoint_dir, read_model_config
 from .hf_config import FORMATS, REMOTE_CODE, TRANSFORMERS, export_config, parse
 from .mapping import Mapping
 from .safetensors_io import ShardedWriter

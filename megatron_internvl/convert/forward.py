@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_internvl.checkpoint.layout import read_info
+
 
 def check_inputs(inputs: dict, model_cfg) -> dict:
     from . import ConversionError
@@ -81,7 +83,7 @@ def run_forward(ckpt, tp: int, pp: int, inputs_path, out_path, precision: str | 
     from megatron_internvl.config import ParallelConfig
     from megatron_internvl.parallel import distributed
 
-    from .checkpoint import build_chunk, check_layout, load_weights, read_info, read_model_config
+    from .checkpoint import build_chunk, check_layout, load_weights, read_model_config
 
     model_cfg = read_model_config(ckpt)
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)

@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_internvl.checkpoint.layout import write_sidecars
+
 from . import ConversionError
 from .hf_config import HFModel, parse
 from .mapping import Mapping
@@ -124,7 +126,7 @@ def run_import(hf_dir, out, tp: int = 1, pp: int = 1, first_stage_layers=None,
                precision: str = "auto", overwrite: bool = False, image_token_id=None,
                log=print) -> Path:
     """The whole ``import`` command: checks, TP x PP ranks, atomic output directory."""
-    from .checkpoint import commit_dir, staging_dir, write_sidecars
+    from .checkpoint import commit_dir, staging_dir
     from .launch import run_on_ranks
 
     t0 = time.monotonic()

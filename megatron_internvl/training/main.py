@@ -14,7 +14,7 @@ import torch
 from megatron_internvl.config import Config, ConfigError, save_config
 from megatron_internvl.config.loader import config_to_dict
 
-from . import checkpoint as ckpt
+from megatron_internvl import checkpoint as ckpt
 from .flops import device_peak_tflops, step_flops
 from .metrics import MetricsLogger
 from .signals import EXIT_REQUEUE, StopRequest

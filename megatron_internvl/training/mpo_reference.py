@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_internvl import checkpoint as ckpt
 from megatron_internvl.config import ConfigError
 
 from .mpo import pair_sums
@@ -74,15 +75,13 @@ def reference_log_probs(chunks, batches, *, dtype):
 
 def resolve_checkpoint(path) -> Path:
     """A checkpoint directory itself, or the newest good one of a save directory."""
-    from .checkpoint import CheckpointError, CheckpointManager
-
     path = Path(path)
     if (path / "metadata.json").is_file():
         return path
-    found = CheckpointManager(path).latest_valid() if path.is_dir() else None
+    found = ckpt.CheckpointManager(path).latest_valid() if path.is_dir() else None
     if found is None:
-        raise CheckpointError(f"{path}: no usable checkpoint for the MPO reference (set mpo.reference_checkpoint "
-                              f"or checkpoint.load to an SFT checkpoint)")
+        raise ckpt.CheckpointError(f"{path}: no usable checkpoint for the MPO reference (set mpo.reference_checkpoint "
+                                   f"or checkpoint.load to an SFT checkpoint)")
     return found
 
 
@@ -94,7 +93,6 @@ class ModelReference:
     """The frozen starting policy, same layout as the trained one."""
 
     def __init__(self, config, variable_seq_lengths: bool):
-        from . import checkpoint as ckpt
         from .main import build_chunks
 
         self.dtype = {"fp32": torch.float32}.get(config.training.precision, torch.bfloat16)
@@ -360,8 +358,6 @@ def precompute(config) -> Path:
 def main(argv=None) -> int:
     from megatron_internvl.config import load_config
 
-    from .checkpoint import CheckpointError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: megatron-internvl mpo-reference RECIPE.yaml [section.key=value ...]")
@@ -370,7 +366,7 @@ def main(argv=None) -> int:
     try:
         config = load_config(argv[0], argv[1:])
         precompute(config)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, ckpt.CheckpointError) as exc:
         print(f"megatron-internvl mpo-reference: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -56,7 +56,7 @@ def oracle(data_dir, work) -> dict:
     """Single process, no DDP and no schedule: logits from the model, then MPO in float64 written
     here. Delta for both groupings of the two packs (one rank: sequential; two ranks: together)."""
     from megatron_internvl.parallel import distributed
-    from megatron_internvl.training import checkpoint as ckpt
+    from megatron_internvl import checkpoint as ckpt
     from megatron_internvl.training.main import build_chunks
     from megatron_internvl.training.stages import apply_stage
     from megatron_internvl.training.step import packed_seq_params
@@ -140,7 +140,7 @@ def _canonical(chunks, grads_by_name):
 def save_start(data_dir, work) -> None:
     """The starting policy and a different reference (so that delta and the rewards are not 0)."""
     from megatron_internvl.parallel import distributed
-    from megatron_internvl.training.checkpoint import save_model_checkpoint
+    from megatron_internvl.checkpoint import save_model_checkpoint
     from megatron_internvl.training.main import build_chunks
 
     cfg = _config(data_dir, work)
@@ -160,7 +160,7 @@ def mpo_step(data_dir, work, tp, pp, *extra) -> dict:
 
     from megatron_internvl.data.preference import open_preference_sources
     from megatron_internvl.parallel import distributed
-    from megatron_internvl.training import checkpoint as ckpt
+    from megatron_internvl import checkpoint as ckpt
     from megatron_internvl.training.main import build_chunks, build_optimizer
     from megatron_internvl.training.mpo import MpoObjective
     from megatron_internvl.training.mpo_reference import build_reference

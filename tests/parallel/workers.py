@@ -184,7 +184,7 @@ def reshard_roundtrips(workdir: str) -> dict:
 
     from megatron_internvl.parallel import distributed
     from megatron_internvl.parallel.sharding import gather_full_state_dict, seeded_full_tensor
-    from megatron_internvl.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from megatron_internvl.checkpoint import load_model_checkpoint, save_model_checkpoint
 
     model_cfg = tiny_model_config()
     distributed.initialize(ParallelConfig(), seed=7)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_internvl.training.checkpoint import verify_checkpoint
+from megatron_internvl.checkpoint import verify_checkpoint
 from training.runner import step_records
 
 

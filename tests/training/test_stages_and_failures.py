@@ -7,7 +7,7 @@ import time
 import pytest
 
 from harness import run_ranks
-from megatron_internvl.training.checkpoint import verify_checkpoint
+from megatron_internvl.checkpoint import verify_checkpoint
 from training.runner import kill_tree, read_metrics, step_records
 from training.workers import stage_changes
 
