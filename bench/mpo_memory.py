@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                f"checkpoint.load={tmp / 'sft' / 'checkpoints'}", "checkpoint.save_interval=1000", *common]
         results["mpo_model"] = _run([*mpo, f"logging.run_dir={tmp / 'model'}", "mpo.reference=model"], env)
         table = [f"mpo.reference_file={tmp / 'reference.pt'}"]
-        _run(["megatron_internvl.training.mpo_reference", *mpo, *table], env)
+        _run(["megatron_internvl.training.mpo.reference", *mpo, *table], env)
         results["mpo_precomputed"] = _run([*mpo, f"logging.run_dir={tmp / 'table'}", "mpo.reference=precomputed",
                                            *table], env)
     import torch

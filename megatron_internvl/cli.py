@@ -11,7 +11,7 @@ def _train(args) -> int:
 
     try:
         # World size is checked again once the processes exist; here the recipe itself.
-        config = load_config(args.recipe, args.overrides)
+        load_config(args.recipe, args.overrides)
     except ConfigError as exc:
         print(f"megatron-internvl train: config error: {exc}", file=sys.stderr)
         return 2
@@ -36,7 +36,7 @@ def _plan(args) -> int:
     if nodes is None and args.world_size:
         nodes, gpus = 1, args.world_size
     try:
-        config = load_config(args.recipe, args.overrides)
+        load_config(args.recipe, args.overrides)
     except ConfigError as exc:
         print(f"megatron-internvl plan: config error: {exc}", file=sys.stderr)
         return 2
@@ -93,7 +93,7 @@ def _inspect_data(rest) -> int:
 
 
 def _mpo_reference(rest) -> int:
-    from megatron_internvl.training.mpo_reference import main as reference_main
+    from megatron_internvl.training.mpo.reference import main as reference_main
 
     return reference_main(rest)
 

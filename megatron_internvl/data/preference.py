@@ -15,7 +15,7 @@ A bad pair (malformed line, missing fields, empty or identical responses, missin
 image, over the packing budgets) is a `Skip` with file:line, counted like SFT data.
 
 A pair's id is its dataset name and a hash of its JSON content: stable across files, orders
-and repeats, it keys the precomputed reference log-probs (training/mpo_reference.py).
+and repeats, it keys the precomputed reference log-probs (training/mpo/reference.py).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ STAGE_FREEZE = {
     "vit_incremental": dict(vision=False, projector=False, language=True),
     # Stage 2: full instruction tuning.
     "full": dict(vision=False, projector=False, language=False),
-    # Mixed Preference Optimization on preference pairs (training/mpo.py): projector + LLM, the
+    # Mixed Preference Optimization on preference pairs (training/mpo/objective.py): projector + LLM, the
     # ViT a fixed feature extractor as in InternVL's preference-stage scripts.
     "mpo": dict(vision=True, projector=False, language=False),
 }

@@ -31,7 +31,7 @@ class StepResult:
     tiles: int
     dataset_loss: dict = field(default_factory=dict)
     shapes: StepShapes | None = None
-    mpo: dict = field(default_factory=dict)  # MPO terms, rewards, delta (training/mpo.py)
+    mpo: dict = field(default_factory=dict)  # MPO terms, rewards, delta (training/mpo/objective.py)
 
 
 def packed_seq_params(batch) -> PackedSeqParams:

@@ -23,11 +23,11 @@ def _config(data_dir, work, tp=1, pp=1, *extra):
 
 
 def _packs(cfg, dp_rank=0, dp=1):
-    from megatron_internvl.data.loader import build_tokenizer
+    from megatron_internvl.data.build import build_tokenizer
     from megatron_internvl.data.preference import build_preference_loader
-    from megatron_internvl.training.main import _pad_multiple
+    from megatron_internvl.parallel.sequence import pack_pad_multiple
 
-    cfg.data.pad_to_multiple = _pad_multiple(cfg)
+    cfg.data.pad_to_multiple = pack_pad_multiple(cfg)
     loader = build_preference_loader(cfg.data, build_tokenizer(cfg.data), dp_rank, dp,
                                      sft_reduction=cfg.mpo.sft_reduction)
     return [next(loader) for _ in range(NUM_PACKS // dp)]
@@ -57,7 +57,7 @@ def oracle(data_dir, work) -> dict:
     here. Delta for both groupings of the two packs (one rank: sequential; two ranks: together)."""
     from megatron_internvl.parallel import distributed
     from megatron_internvl import checkpoint as ckpt
-    from megatron_internvl.training.main import build_chunks
+    from megatron_internvl.models.factory import build_model_chunks as build_chunks
     from megatron_internvl.training.stages import apply_stage
     from megatron_internvl.training.step import packed_seq_params
 
@@ -141,7 +141,7 @@ def save_start(data_dir, work) -> None:
     """The starting policy and a different reference (so that delta and the rewards are not 0)."""
     from megatron_internvl.parallel import distributed
     from megatron_internvl.checkpoint import save_model_checkpoint
-    from megatron_internvl.training.main import build_chunks
+    from megatron_internvl.models.factory import build_model_chunks as build_chunks
 
     cfg = _config(data_dir, work)
     distributed.initialize(cfg.parallel, seed=cfg.training.seed)
@@ -161,9 +161,10 @@ def mpo_step(data_dir, work, tp, pp, *extra) -> dict:
     from megatron_internvl.data.preference import open_preference_sources
     from megatron_internvl.parallel import distributed
     from megatron_internvl import checkpoint as ckpt
-    from megatron_internvl.training.main import build_chunks, build_optimizer
+    from megatron_internvl.models.factory import build_model_chunks as build_chunks
+    from megatron_internvl.training.setup import build_optimizer
     from megatron_internvl.training.mpo import MpoObjective
-    from megatron_internvl.training.mpo_reference import build_reference
+    from megatron_internvl.training.mpo.reference import build_reference
     from megatron_internvl.training.stages import apply_stage
     from megatron_internvl.training.step import train_step
 
@@ -185,7 +186,7 @@ def mpo_step(data_dir, work, tp, pp, *extra) -> dict:
 
 def layouts(data_dir, work) -> dict:
     """Every check of the spawned pair of ranks, in one process group lifetime each."""
-    from megatron_internvl.training.mpo_reference import precompute
+    from megatron_internvl.training.mpo.reference import precompute
 
     save_start(data_dir, work)
     out = {"oracle": oracle(data_dir, work)}  # on both ranks: gathering the gradients is collective
@@ -198,7 +199,7 @@ def layouts(data_dir, work) -> dict:
     out["tp2_precomputed"] = mpo_step(data_dir, work, 2, 1, *table)
     # The table was computed with {work}/reference as the reference: refused for another one.
     from megatron_internvl.data.preference import open_preference_sources
-    from megatron_internvl.training.mpo_reference import ReferenceTableError, TableReference
+    from megatron_internvl.training.mpo.reference import ReferenceTableError, TableReference
 
     out["resumed_table"] = resumed_precompute(data_dir, work, table)
     other = _config(data_dir, work, 2, 1, *table, f"mpo.reference_checkpoint={work}/policy")
@@ -220,7 +221,7 @@ def resumed_precompute(data_dir, work, table) -> dict:
 
     import torch.distributed as dist
 
-    import megatron_internvl.training.mpo_reference as mr
+    import megatron_internvl.training.mpo.reference as mr
     from megatron_internvl.data.preference import open_preference_sources, pair_id
 
     full = torch.load(f"{work}/reference.pt", weights_only=True)

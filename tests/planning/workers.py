@@ -51,7 +51,8 @@ def allocated_bytes() -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_internvl.parallel import distributed
-    from megatron_internvl.training.main import build_chunks, build_optimizer
+    from megatron_internvl.models.factory import build_model_chunks as build_chunks
+    from megatron_internvl.training.setup import build_optimizer
     from megatron_internvl.training.stages import apply_stage
 
     out = {}

@@ -12,7 +12,8 @@ def stage_changes(data_dir: str) -> dict:
     from megatron_internvl.config import load_config
     from megatron_internvl.data.dataset import build_data_loader, build_tokenizer
     from megatron_internvl.parallel import distributed
-    from megatron_internvl.training.main import build_chunks, build_optimizer
+    from megatron_internvl.models.factory import build_model_chunks as build_chunks
+    from megatron_internvl.training.setup import build_optimizer
     from megatron_internvl.training.stages import apply_stage
     from megatron_internvl.training.step import train_step
 

@@ -24,10 +24,25 @@ from pathlib import Path
 
 import torch
 
-from megatron_internvl import checkpoint as ckpt
-from megatron_internvl.config import ConfigError
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model
 
-from .mpo import pair_sums
+from megatron_internvl import checkpoint as ckpt
+from megatron_internvl.config import ConfigError, load_config
+from megatron_internvl.data.build import build_tokenizer, check_data_matches_model
+from megatron_internvl.data.media import MediaLoader
+from megatron_internvl.data.packing import TwoBudgetPacker, collate_pack
+from megatron_internvl.data.preference import PairBuilder, finish_pair_batch, open_preference_sources
+from megatron_internvl.data.samples import Skip
+from megatron_internvl.models.factory import build_model_chunks
+from megatron_internvl.parallel import distributed
+from megatron_internvl.parallel.data import BroadcastLoader
+from megatron_internvl.parallel.sequence import pack_pad_multiple
+
+from ..loss import token_log_probs
+from ..step import packed_seq_params, to_device
+from .objective import pair_sums
 
 logger = logging.getLogger("megatron_internvl.mpo")
 
@@ -41,13 +56,6 @@ class ReferenceTableError(ConfigError):
 def reference_log_probs(chunks, batches, *, dtype):
     """Forward-only pass of ``chunks`` over the micro-batches: [pairs, 2] summed log-probs per
     micro-batch on the last pipeline stage, None elsewhere."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_attr_wrapped_model
-
-    from .loss import token_log_probs
-    from .step import packed_seq_params
-
     def forward_step(data_iterator, model):
         b = next(data_iterator)
         pixels = b["pixel_values"]
@@ -93,10 +101,8 @@ class ModelReference:
     """The frozen starting policy, same layout as the trained one."""
 
     def __init__(self, config, variable_seq_lengths: bool):
-        from .main import build_chunks
-
         self.dtype = {"fp32": torch.float32}.get(config.training.precision, torch.bfloat16)
-        self.chunks = build_chunks(config, initialize=False)
+        self.chunks = build_model_chunks(config, initialize=False)
         source = reference_checkpoint(config)
         ckpt.load_model_checkpoint(self.chunks, source)
         for chunk in self.chunks:
@@ -163,8 +169,6 @@ class TableReference:
     checkpoint and template)."""
 
     def __init__(self, config, specs):
-        from megatron.core import parallel_state as ps
-
         path = Path(config.mpo.reference_file)
         if not path.is_file():
             raise ReferenceTableError(f"mpo.reference_file={path} does not exist: run `megatron-internvl mpo-reference "
@@ -208,10 +212,6 @@ CHUNK_PAIRS = 256
 
 def _chunk_packs(builder, cfg, tokenizer, pairs, stats):
     """The packed micro-batches of one chunk's pairs [(ds, line, global index)]."""
-    from megatron_internvl.data.packing import TwoBudgetPacker, collate_pack
-    from megatron_internvl.data.preference import finish_pair_batch
-    from megatron_internvl.data.samples import Skip
-
     packer = TwoBudgetPacker(cfg.max_tokens, cfg.max_tiles, cfg.pack_buffer_size)
     built, groups = {}, []
     for ds, line, i in pairs:
@@ -262,17 +262,6 @@ def _atomic_save(obj, path: Path) -> None:
 
 def precompute(config) -> Path:
     """Run the reference over every preference pair once; write mpo.reference_file."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_internvl.data.loader import build_tokenizer
-    from megatron_internvl.data.preference import PairBuilder, open_preference_sources
-    from megatron_internvl.data.samples import MediaLoader
-    from megatron_internvl.parallel import distributed
-    from megatron_internvl.parallel.data import BroadcastLoader
-
-    from .main import _pad_multiple, check_data_matches_model
-    from .step import to_device
-
     launch = distributed.initialize(config.parallel, seed=config.training.seed)
     config.validate(world_size=launch.world_size)
     if not config.mpo.reference_file:
@@ -280,7 +269,7 @@ def precompute(config) -> Path:
     out = Path(config.mpo.reference_file)
     tokenizer = build_tokenizer(config.data)
     check_data_matches_model(config, tokenizer)
-    config.data.pad_to_multiple = _pad_multiple(config)
+    config.data.pad_to_multiple = pack_pad_multiple(config)
     specs, files = open_preference_sources(config.data)
     _check_augment(specs)
     stamp = json.dumps(fingerprint(config, specs), sort_keys=True)
@@ -356,8 +345,6 @@ def precompute(config) -> Path:
 
 
 def main(argv=None) -> int:
-    from megatron_internvl.config import load_config
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: megatron-internvl mpo-reference RECIPE.yaml [section.key=value ...]")

@@ -91,7 +91,7 @@ class MpoObjective:
     """The MPO loss inside the training step; holds delta and the reference log-probs' source.
 
     ``reference``: an object with ``log_probs(batches) -> list[[pairs, 2] tensor] | None`` (the
-    frozen model run forward-only, or the precomputed table; :mod:`.mpo_reference`).
+    frozen model run forward-only, or the precomputed table; :mod:`.reference`).
     """
 
     def __init__(self, mpo_config, reference):
@@ -110,7 +110,7 @@ class MpoObjective:
         from megatron.core import parallel_state as ps
         from megatron.core.utils import get_attr_wrapped_model
 
-        from .loss import token_log_probs
+        from ..loss import token_log_probs
 
         cfg = self.cfg
 
