@@ -36,7 +36,7 @@ def _plan(args) -> int:
     if nodes is None and args.world_size:
         nodes, gpus = 1, args.world_size
     try:
-        load_config(args.recipe, args.overrides)
+        config = load_config(args.recipe, args.overrides)
     except ConfigError as exc:
         print(f"megatron-internvl plan: config error: {exc}", file=sys.stderr)
         return 2
@@ -83,13 +83,9 @@ def _convert(rest) -> int:
 
 
 def _inspect_data(rest) -> int:
-    import runpy
-    from pathlib import Path
+    from megatron_internvl.data.inspection import main as inspect_main
 
-    tool = Path(__file__).resolve().parent.parent / "tools" / "inspect_data.py"
-    sys.argv = [str(tool)] + list(rest)
-    runpy.run_path(str(tool), run_name="__main__")
-    return 0
+    return inspect_main(list(rest))
 
 
 def _mpo_reference(rest) -> int:

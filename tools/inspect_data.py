@@ -3,73 +3,12 @@
     python tools/inspect_data.py --meta META.json --tokenizer PATH --max-tokens 16384 \
         --max-tiles 48 [--num-samples K] [--json]
 
-fill_ratio = real tokens / (packs x max_tokens). Tile counts come from image headers unless
---decode is given (then every image is decoded, as in training).
+The same as `megatron-internvl inspect-data`; the program is `megatron_internvl.data.inspection`.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--meta", required=True, help="InternVL meta JSON")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json, sentencepiece .model, or a folder")
-    p.add_argument("--max-tokens", type=int, required=True, help="l_max, LLM tokens per packed sequence")
-    p.add_argument("--max-tiles", type=int, required=True, help="t_max, ViT tiles per packed sequence")
-    p.add_argument("--num-samples", type=int, default=None, help="samples to read (default: one epoch)")
-    p.add_argument("--template", default="internvl2_5")
-    p.add_argument("--image-size", type=int, default=448)
-    p.add_argument("--num-image-token", type=int, default=256, help="LLM tokens per tile")
-    p.add_argument("--max-dynamic-patch", type=int, default=12)
-    p.add_argument("--pad-to-multiple", type=int, default=1)
-    p.add_argument("--pack-buffer-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--decode", action="store_true", help="decode every image instead of reading headers")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
-
-    from megatron_internvl.config.data import DataConfig
-    from megatron_internvl.data.build import build_data_loader
-    from megatron_internvl.data.inspection import inspect_stream
-    from megatron_internvl.data.media import HeaderOnlyMedia, MediaLoader
-
-    logging.basicConfig(level=logging.ERROR if args.json else logging.WARNING, format="%(levelname)s %(message)s")
-    cfg = DataConfig(meta_path=args.meta, tokenizer_path=args.tokenizer, template=args.template,
-                     image_size=args.image_size, num_image_token=args.num_image_token,
-                     max_dynamic_patch=args.max_dynamic_patch, max_tokens=args.max_tokens,
-                     max_tiles=args.max_tiles, pad_to_multiple=args.pad_to_multiple,
-                     pack_buffer_size=args.pack_buffer_size, seed=args.seed, num_workers=args.workers,
-                     max_skip_ratio=1.0)
-    try:
-        cfg.validate()
-        media = (MediaLoader if args.decode else HeaderOnlyMedia)(cfg.image_size, cfg.use_thumbnail,
-                                                                  cfg.image_backend, cfg.num_video_frames)
-        loader = build_data_loader(cfg, media_loader=media, stop_after=1)
-        n = args.num_samples if args.num_samples is not None else loader.order.samples_per_epoch
-        loader = build_data_loader(cfg, loader.tokenizer, media_loader=media, stop_after=n)
-        report = inspect_stream(loader)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report, sort_keys=True))
-    else:
-        width = max(len(k) for k in report)
-        for k, v in report.items():
-            if isinstance(v, float):
-                v = f"{v:.4f}"
-            print(f"{k:<{width}}  {v}")
-    return 0
-
+from megatron_internvl.data.inspection import main
 
 if __name__ == "__main__":
     sys.exit(main())
