@@ -81,3 +81,10 @@ def test_non_editable_install_outside_the_checkout(tmp_path):
          "checkpoint.save_interval=null"], work, env)
     losses = [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses), losses
+
+    # inspect-data is part of the package too (it once ran tools/ from the clone).
+    report = json.loads(run([bin_dir / "megatron-internvl", "inspect-data", "--meta", data / "meta.json",
+                             "--tokenizer", data / "tokenizer.json", "--max-tokens", "256", "--max-tiles", "8",
+                             "--image-size", "56", "--num-image-token", "4", "--num-samples", "10", "--json"],
+                            work, env).stdout)
+    assert report["samples"] == 10 and report["tokens"] > 0, report
