@@ -35,14 +35,14 @@ class VisionConfig:
     drop_path_rate: float = 0.0
 
 
-LANGUAGE_ARCHS = ("qwen2", "internlm2", "internlm3", "llama")
+LANGUAGE_ARCHS = ("qwen2", "internlm2", "internlm3", "llama", "qwen3", "qwen3_moe")
 
 
 @dataclass
 class LanguageConfig:
     """The LLM. Defaults: Qwen2.5-0.5B (InternVL2.5/3-1B)."""
 
-    arch: str = "qwen2"  # qwen2 | internlm2 | internlm3 | llama
+    arch: str = "qwen2"  # qwen2 | internlm2 | internlm3 | llama | qwen3 | qwen3_moe
     hidden_size: int = 896
     num_layers: int = 24
     num_heads: int = 14
@@ -56,10 +56,31 @@ class LanguageConfig:
     rope_dynamic_factor: float = 0.0
     norm_eps: float = 1e-6
     qkv_bias: bool = True
+    # Width of one attention head; 0: hidden_size / num_heads. Qwen3: 128 at every size (the
+    # 0.6B's 16 heads x 128 = 2048 query width over a 1024 hidden).
+    head_dim: int = 0
+    # Qwen3: one RMSNorm of size head_dim (shared by the heads) on q and on k, before RoPE.
+    qk_norm: bool = False
+    # Mixture of experts (qwen3_moe: every layer). 0 experts: dense MLPs.
+    num_experts: int = 0
+    moe_top_k: int = 8
+    moe_ffn_hidden_size: int = 0  # one expert's FFN width (Qwen3-30B-A3B: 768)
+    # Router: softmax over the experts, top-k, the k probabilities renormalised to sum 1 (HF
+    # norm_topk_prob: true, what the Qwen3-MoE releases set); false: not renormalised.
+    moe_norm_topk_prob: bool = True
+    # Load-balancing (switch-style aux) loss and router z-loss coefficients; 0 turns one off.
+    # Default 1e-3: HF Qwen3-MoE's router_aux_loss_coef (docs/config.md says why).
+    moe_aux_loss_coeff: float = 1e-3
+    moe_z_loss_coeff: float = 0.0
     max_position_embeddings: int = 32768
     # The model pads its vocabulary to a multiple of this x tensor_parallel (logits of the padding
     # are -inf; checkpoints keep the real rows only).
     make_vocab_size_divisible_by: int = 128
+
+    @property
+    def kv_channels(self) -> int:
+        """The width of one attention head (``head_dim``, else hidden / heads)."""
+        return self.head_dim or self.hidden_size // self.num_heads
 
 
 @dataclass
@@ -101,7 +122,26 @@ class ModelConfig:
                 f"model.language.num_heads={lang.num_heads} is not a multiple of "
                 f"model.language.num_kv_heads={lang.num_kv_heads}"
             )
-        if lang.hidden_size % lang.num_heads:
+        if lang.arch in ("qwen3", "qwen3_moe") and (lang.qkv_bias or not lang.qk_norm):
+            raise ConfigError(
+                f"model.language.arch={lang.arch} has q/k norms and no attention biases: set "
+                f"model.language.qk_norm=true and model.language.qkv_bias=false"
+            )
+        if (lang.arch == "qwen3_moe") != (lang.num_experts > 0):
+            raise ConfigError(
+                f"model.language.num_experts={lang.num_experts} with arch={lang.arch}: experts are "
+                f"for arch=qwen3_moe only, and qwen3_moe needs num_experts > 0"
+            )
+        if lang.num_experts and not (0 < lang.moe_top_k <= lang.num_experts and lang.moe_ffn_hidden_size > 0):
+            raise ConfigError(
+                f"model.language.moe_top_k={lang.moe_top_k} must be in [1, num_experts="
+                f"{lang.num_experts}] and moe_ffn_hidden_size={lang.moe_ffn_hidden_size} > 0"
+            )
+        if lang.moe_aux_loss_coeff < 0 or lang.moe_z_loss_coeff < 0:
+            raise ConfigError("model.language.moe_aux_loss_coeff and moe_z_loss_coeff must be >= 0")
+        if lang.head_dim < 0:
+            raise ConfigError(f"model.language.head_dim={lang.head_dim}: use 0 (hidden / heads) or a width")
+        if not lang.head_dim and lang.hidden_size % lang.num_heads:
             raise ConfigError(
                 f"model.language.hidden_size={lang.hidden_size} is not divisible by "
                 f"model.language.num_heads={lang.num_heads}"
@@ -136,6 +176,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # LLM layers on the first pipeline stage (which also holds the ViT and projector).
     first_stage_llm_layers: Optional[int] = None
+    # Experts of an MoE LLM split over this many ranks (all-to-all token dispatch); they come
+    # out of the data-parallel ranks: it must divide tensor_parallel x data-parallel size.
+    expert_parallel: int = 1
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
@@ -155,6 +198,14 @@ class ParallelConfig:
                 f"pipeline_parallel x context_parallel = {self.tensor_parallel} x "
                 f"{self.pipeline_parallel} x {self.context_parallel}: change the layout or the "
                 f"number of processes"
+            )
+        expert_ranks = self.expert_parallel * self.pipeline_parallel * self.context_parallel
+        if world_size % expert_ranks:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.expert_parallel x "
+                f"pipeline_parallel x context_parallel = {self.expert_parallel} x "
+                f"{self.pipeline_parallel} x {self.context_parallel}: experts are split over ranks "
+                f"of the tensor x data-parallel groups"
             )
 
     def validate(self, model: ModelConfig) -> None:
@@ -181,6 +232,12 @@ class ParallelConfig:
                     f"parallel.tensor_parallel={tp} does not divide {what}={value}: "
                     f"choose a tensor_parallel size that divides it"
                 )
+        ep = self.expert_parallel
+        if ep < 1 or (ep > 1 and not lang.num_experts) or (lang.num_experts and lang.num_experts % ep):
+            raise ConfigError(
+                f"parallel.expert_parallel={ep} must be >= 1 and divide model.language.num_experts="
+                f"{lang.num_experts} (expert parallelism needs an MoE language model)"
+            )
         if self.sequence_parallel and tp == 1:
             raise ConfigError(
                 "parallel.sequence_parallel=true needs parallel.tensor_parallel > 1: "

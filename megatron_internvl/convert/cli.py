@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
     imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size to save at")
     imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to save at")
+    imp.add_argument("--ep", type=int, default=1, help="expert-parallel size to save at (MoE LLMs)")
     imp.add_argument("--first-stage-layers", type=int, default=None,
                      help="LLM layers on the first pipeline stage (which also holds the ViT)")
     imp.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
@@ -49,11 +50,11 @@ def main(argv=None) -> int:
         if args.command == "import":
             from .importer import run_import
 
-            if args.tp < 1 or args.pp < 1:
-                raise ConversionError("--tp and --pp must be >= 1")
+            if args.tp < 1 or args.pp < 1 or args.ep < 1:
+                raise ConversionError("--tp, --pp and --ep must be >= 1")
             run_import(args.hf_dir, args.out, tp=args.tp, pp=args.pp,
                        first_stage_layers=args.first_stage_layers, precision=args.dtype,
-                       overwrite=args.overwrite, image_token_id=args.image_token_id)
+                       overwrite=args.overwrite, image_token_id=args.image_token_id, ep=args.ep)
         else:
             from .exporter import run_export
 

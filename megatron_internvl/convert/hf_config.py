@@ -33,8 +33,10 @@ _REMOTE_ARCHS = {
     "InternLM2ForCausalLM": "internlm2",
     "LlamaForCausalLM": "llama",
     "InternLM3ForCausalLM": "internlm3",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
-_TEXT_MODEL_TYPES = ("qwen2", "llama", "internlm3")
+_TEXT_MODEL_TYPES = ("qwen2", "llama", "internlm3", "qwen3", "qwen3_moe")
 _NORMS = {"layer_norm": "layernorm", "rms_norm": "rmsnorm"}
 
 
@@ -107,14 +109,18 @@ def _language(cfg: dict, arch: str, where: str) -> LanguageConfig:
     act = _get(cfg, "hidden_act", where, "silu")
     _require(act == "silu", f"{where}.hidden_act", act, "'silu'")
     head_dim = cfg.get("head_dim")
-    if head_dim is not None:
+    if arch in ("qwen3", "qwen3_moe"):
+        # Qwen3 sets the head width on its own (128; Qwen3Config's default when absent).
+        head_dim = int(head_dim or 128)
+    elif head_dim is not None:
         _require(head_dim * heads == hidden, f"{where}.head_dim", head_dim,
                  f"hidden_size / num_attention_heads = {hidden // heads}")
+        head_dim = 0
     if cfg.get("use_sliding_window", False):
         _require(False, f"{where}.use_sliding_window", True, "false (full attention in every layer)")
     if arch == "qwen2":
         qkv_bias = True
-    elif arch in ("llama", "internlm3"):
+    elif arch in ("llama", "internlm3", "qwen3", "qwen3_moe"):
         # InternLM3's own config spells the biases qkv_bias / bias, transformers' attention_bias /
         # mlp_bias; either must be false.
         for key, what in (("attention_bias", "false (the output projection has no bias here)"),
@@ -125,7 +131,9 @@ def _language(cfg: dict, arch: str, where: str) -> LanguageConfig:
         _require(not cfg.get("bias", False), f"{where}.bias", cfg.get("bias"), "false")
         qkv_bias = False
     theta, dynamic = _rope(cfg, where)
+    moe = _moe(cfg, where) if arch == "qwen3_moe" else {}
     return LanguageConfig(
+        **moe,
         arch=arch,
         hidden_size=hidden,
         num_layers=_get(cfg, "num_hidden_layers", where, required=True),
@@ -137,7 +145,28 @@ def _language(cfg: dict, arch: str, where: str) -> LanguageConfig:
         rope_dynamic_factor=dynamic,
         norm_eps=float(_get(cfg, "rms_norm_eps", where, 1e-6)),
         qkv_bias=qkv_bias,
+        head_dim=head_dim or 0,
+        qk_norm=arch in ("qwen3", "qwen3_moe"),
         max_position_embeddings=_get(cfg, "max_position_embeddings", where, 32768),
+    )
+
+
+def _moe(cfg: dict, where: str) -> dict:
+    """Qwen3-MoE's experts. transformers 5 writes ``num_local_experts``, the remote code
+    ``num_experts``; ``norm_topk_prob`` defaults to false in transformers (the releases set true)."""
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    _require(bool(experts), f"{where}.num_experts", experts, "a number of experts")
+    _require(cfg.get("decoder_sparse_step", 1) == 1, f"{where}.decoder_sparse_step",
+             cfg.get("decoder_sparse_step"), "1 (every layer MoE)")
+    _require(not cfg.get("mlp_only_layers"), f"{where}.mlp_only_layers", cfg.get("mlp_only_layers"),
+             "[] (every layer MoE)")
+    _require(not cfg.get("shared_expert_intermediate_size"), f"{where}.shared_expert_intermediate_size",
+             cfg.get("shared_expert_intermediate_size"), "0 (Qwen3-MoE has no shared expert)")
+    return dict(
+        num_experts=int(experts),
+        moe_top_k=int(_get(cfg, "num_experts_per_tok", where, required=True)),
+        moe_ffn_hidden_size=int(_get(cfg, "moe_intermediate_size", where, required=True)),
+        moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
     )
 
 
@@ -290,7 +319,8 @@ def export_config(fmt: str, model: ModelConfig, source: HFModel | None, tied: bo
 
 
 _ARCH_OF_TEXT = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-                 "internlm2": "InternLM2ForCausalLM", "internlm3": "InternLM3ForCausalLM"}
+                 "internlm2": "InternLM2ForCausalLM", "internlm3": "InternLM3ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def _text_config(lang: LanguageConfig, dtype: str, remote: bool) -> dict:
@@ -312,8 +342,15 @@ def _text_config(lang: LanguageConfig, dtype: str, remote: bool) -> dict:
         out.update(model_type="internlm2", bias=False, attn_implementation="eager")
     else:
         out["model_type"] = lang.arch
+    if lang.arch in ("qwen3", "qwen3_moe"):
+        out.update(head_dim=lang.kv_channels, attention_bias=False, use_sliding_window=False)
+    if lang.arch == "qwen3_moe":
+        out.update(num_experts=lang.num_experts, num_experts_per_tok=lang.moe_top_k,
+                   moe_intermediate_size=lang.moe_ffn_hidden_size,
+                   norm_topk_prob=lang.moe_norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+                   router_aux_loss_coef=lang.moe_aux_loss_coeff)
     if lang.arch == "internlm3":
-        out["head_dim"] = lang.hidden_size // lang.num_heads
+        out["head_dim"] = lang.kv_channels
         # transformers' InternLM3Config maps qkv_bias / bias onto these two.
         if remote:
             out.update(qkv_bias=False, bias=False)
@@ -333,7 +370,7 @@ def _transformers_config(model: ModelConfig, dtype: str) -> dict:
     if model.language.arch not in _TEXT_MODEL_TYPES:
         raise ConversionError(
             f"the transformers format has no {model.language.arch} language model: export "
-            f"--format remote-code (transformers' InternVL takes Qwen2, Llama or InternLM3)"
+            f"--format remote-code (transformers' InternVL takes Qwen2, Qwen3, Llama or InternLM3)"
         )
     vis = model.vision
     return {

@@ -10,6 +10,8 @@ together. Everything is written into ``OUT.tmp-*`` and renamed to ``OUT`` at the
 
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,17 +38,18 @@ class ImportJob:
     pp: int
     first_stage_layers: int | None
     precision: str  # fp32 | bf16
+    ep: int = 1  # MoE experts split over this many ranks (of the data-parallel ones)
 
 
 def plan(hf_dir, tp: int, pp: int, first_stage_layers=None, precision: str = "auto",
-         image_token_id=None) -> tuple[HFModel, ImportJob, Mapping]:
+         image_token_id=None, ep: int = 1) -> tuple[HFModel, ImportJob, Mapping]:
     """Everything that can be checked before any rank starts."""
     from megatron_internvl.config import ParallelConfig
 
     from .checkpoint import check_layout
 
     hf = parse(hf_dir, image_token_id=image_token_id)
-    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp,
+    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
                               first_stage_llm_layers=first_stage_layers)
     # The ViT's heads need not divide TP: the model pads them with dummy heads.
     check_layout(hf.model, parallel)
@@ -67,7 +70,7 @@ def plan(hf_dir, tp: int, pp: int, first_stage_layers=None, precision: str = "au
         raise ConversionError(f"--dtype {precision}: use auto, fp32 or bf16")
     job = ImportJob(
         hf_dir=str(hf_dir), out_dir="", fmt=hf.fmt, model=asdict(hf.model), tied=hf.tied,
-        tp=tp, pp=pp, first_stage_layers=first_stage_layers, precision=precision,
+        tp=tp, pp=pp, first_stage_layers=first_stage_layers, precision=precision, ep=ep,
     )
     return hf, job, mapping
 
@@ -90,7 +93,7 @@ def convert_on_rank(job: ImportJob, report=None) -> list[str]:
 
     report = report or (lambda text: None)
     model_cfg = build_dataclass(ModelConfig, job.model, "model")
-    parallel = ParallelConfig(tensor_parallel=job.tp, pipeline_parallel=job.pp,
+    parallel = ParallelConfig(tensor_parallel=job.tp, pipeline_parallel=job.pp, expert_parallel=job.ep,
                               first_stage_llm_layers=job.first_stage_layers)
     distributed.initialize(parallel)
     rank = torch.distributed.get_rank()
@@ -124,7 +127,7 @@ def convert_on_rank(job: ImportJob, report=None) -> list[str]:
 
 def run_import(hf_dir, out, tp: int = 1, pp: int = 1, first_stage_layers=None,
                precision: str = "auto", overwrite: bool = False, image_token_id=None,
-               log=print) -> Path:
+               log=print, ep: int = 1) -> Path:
     """The whole ``import`` command: checks, TP x PP ranks, atomic output directory."""
     from .checkpoint import commit_dir, staging_dir
     from .launch import run_on_ranks
@@ -133,17 +136,18 @@ def run_import(hf_dir, out, tp: int = 1, pp: int = 1, first_stage_layers=None,
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConversionError(f"output directory {out} exists: choose another --out or pass --overwrite")
-    hf, job, mapping = plan(hf_dir, tp, pp, first_stage_layers, precision, image_token_id)
+    hf, job, mapping = plan(hf_dir, tp, pp, first_stage_layers, precision, image_token_id, ep)
     lang = hf.model.language
     log(
         f"[import] {hf_dir}: {hf.fmt} format, {lang.arch} LLM ({lang.num_layers} layers), "
         f"ViT {hf.model.vision.num_layers} layers; {len(mapping.hf_names())} tensors -> "
-        f"TP={tp} x PP={pp} ({job.precision})"
+        f"TP={tp} x PP={pp}" + (f" x EP={ep}" if ep > 1 else "") + f" ({job.precision})"
     )
     staging = staging_dir(out, overwrite)
     try:
         job.out_dir = str(staging)
-        results = run_on_ranks(convert_on_rank, tp * pp, job, log=log)
+        # Experts split over data-parallel ranks: enough ranks for both TP and EP groups.
+        results = run_on_ranks(convert_on_rank, math.lcm(tp, ep) * pp, job, log=log)
         loaded = set().union(*results)
         unused = sorted(set(mapping.entries) - loaded)
         if unused:
@@ -154,7 +158,7 @@ def run_import(hf_dir, out, tp: int = 1, pp: int = 1, first_stage_layers=None,
         write_sidecars(staging, hf.model, {
             "source_format": hf.fmt, "source": str(Path(hf_dir).resolve()),
             "precision": job.precision, "tied_embeddings": hf.tied,
-            "saved_layout": {"tp": tp, "pp": pp, "first_stage_layers": first_stage_layers},
+            "saved_layout": {"tp": tp, "pp": pp, "ep": ep, "first_stage_layers": first_stage_layers},
         }, hf_dir=hf_dir)
         commit_dir(staging, out)
     except BaseException:

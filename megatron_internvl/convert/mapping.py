@@ -18,6 +18,8 @@ def features(model_cfg) -> set[str]:
     out = set()
     if lang.qkv_bias:
         out.add("qkv_bias")
+    if lang.qk_norm:
+        out.add("qk_norm")
     if vis.qkv_bias:
         out.add("vit_qkv_bias")
     if vis.qk_norm:
@@ -32,18 +34,28 @@ def dims_of(model_cfg) -> Dims:
     return Dims(
         lm_heads=lang.num_heads,
         lm_groups=lang.num_kv_heads,
-        lm_head_dim=lang.hidden_size // lang.num_heads,
+        lm_head_dim=lang.kv_channels,
         vit_heads=vis.num_heads,
         vit_head_dim=vis.hidden_size // vis.num_heads,
     )
 
 
 def _expand(rule: Rule, model_cfg) -> list[tuple[str, tuple[str, ...]]]:
+    """A rule's (megatron name, HF names) pairs: ``{i}`` over the tower's layers, then ``{e}``
+    over the LLM's experts (global expert index on both sides)."""
     if rule.layers is None:
-        return [(rule.megatron, rule.hf)]
-    n = model_cfg.language.num_layers if rule.layers == "language" else model_cfg.vision.num_layers
+        pairs = [(rule.megatron, rule.hf)]
+    else:
+        n = model_cfg.language.num_layers if rule.layers == "language" else model_cfg.vision.num_layers
+        pairs = [
+            (rule.megatron.format(i=i, e="{e}"), tuple(h.format(i=i, e="{e}") for h in rule.hf))
+            for i in range(n)
+        ]
+    if "{e}" not in rule.megatron:
+        return pairs
     return [
-        (rule.megatron.format(i=i), tuple(h.format(i=i) for h in rule.hf)) for i in range(n)
+        (meg.format(e=e), tuple(h.format(e=e) for h in hf))
+        for meg, hf in pairs for e in range(model_cfg.language.num_experts)
     ]
 
 

@@ -2,7 +2,7 @@
 
 A row says which HF tensors make one canonical megatron tensor (the *full* tensor, as a TP=1
 megatron model holds it) and with which transform kind. ``{i}`` is a layer index, expanded over
-the language model's or the ViT's layers (``layers=``). ``when=`` names a feature of the model
+the language model's or the ViT's layers (``layers=``); ``{e}`` a global expert index. ``when=`` names a feature of the model
 (see :func:`megatron_internvl.convert.mapping.features`) without which the row does not exist.
 
 How a full tensor is split over TP ranks and placed on PP stages is not written here: megatron's
@@ -40,7 +40,8 @@ def _lm(megatron, hf, kind=IDENTITY, when=None, per_layer=True):
 LM_PREFIX = "language_model."
 _L = "decoder.layers.{i}."
 
-# Qwen2 / Llama key layout: identical in the transformers-native and the remote-code formats.
+# Qwen2 / Qwen3 / Llama key layout: identical in the transformers-native and the remote-code
+# formats.
 LLAMA_STYLE_LLM = (
     _lm("embedding.word_embeddings.weight", "language_model.model.embed_tokens.weight",
         per_layer=False),
@@ -51,6 +52,11 @@ LLAMA_STYLE_LLM = (
     _lm(_L + "self_attention.linear_qkv.bias",
         [f"language_model.model.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"], LM_QKV,
         when="qkv_bias"),
+    # Qwen3: one RMSNorm of size head_dim per projection, shared by the heads.
+    _lm(_L + "self_attention.q_layernorm.weight",
+        "language_model.model.layers.{i}.self_attn.q_norm.weight", when="qk_norm"),
+    _lm(_L + "self_attention.k_layernorm.weight",
+        "language_model.model.layers.{i}.self_attn.k_norm.weight", when="qk_norm"),
     _lm(_L + "self_attention.linear_proj.weight",
         "language_model.model.layers.{i}.self_attn.o_proj.weight"),
     _lm(_L + "mlp.linear_fc1.layer_norm_weight",
@@ -61,6 +67,18 @@ LLAMA_STYLE_LLM = (
     _lm(_L + "mlp.linear_fc2.weight", "language_model.model.layers.{i}.mlp.down_proj.weight"),
     _lm("decoder.final_layernorm.weight", "language_model.model.norm.weight", per_layer=False),
     _lm("output_layer.weight", "language_model.lm_head.weight", per_layer=False),
+)
+
+# Qwen3-MoE: Qwen3's rows with every MLP an MoE layer (router + per-expert SwiGLU MLPs; the
+# pre-MLP norm keeps megatron's own name there, it is not fused into a linear). Both formats
+# store experts one by one (transformers 5 fuses them only in memory).
+_X = "language_model.model.layers.{i}.mlp."
+QWEN3_MOE_LLM = tuple(r for r in LLAMA_STYLE_LLM if ".mlp." not in r.megatron) + (
+    _lm(_L + "pre_mlp_layernorm.weight", "language_model.model.layers.{i}.post_attention_layernorm.weight"),
+    _lm(_L + "mlp.router.weight", _X + "gate.weight"),
+    _lm(_L + "mlp.experts.local_experts.{e}.linear_fc1.weight",
+        [_X + "experts.{e}.gate_proj.weight", _X + "experts.{e}.up_proj.weight"], GATE_UP),
+    _lm(_L + "mlp.experts.local_experts.{e}.linear_fc2.weight", _X + "experts.{e}.down_proj.weight"),
 )
 
 # InternLM2 (remote code). Its packed ``wqkv`` is (kv_heads, [q x group, k, v], head_dim): the
@@ -195,9 +213,10 @@ REMOTE_CODE_VISION = _vision_rows(
 
 # --- the formats ---------------------------------------------------------------------------------
 # InternLM3 names its weights as Llama does (q/k/v/o_proj, gate/up/down_proj) in both formats.
-TRANSFORMERS_LLM = {"qwen2": LLAMA_STYLE_LLM, "llama": LLAMA_STYLE_LLM, "internlm3": LLAMA_STYLE_LLM}
+TRANSFORMERS_LLM = {"qwen2": LLAMA_STYLE_LLM, "llama": LLAMA_STYLE_LLM, "internlm3": LLAMA_STYLE_LLM,
+                    "qwen3": LLAMA_STYLE_LLM, "qwen3_moe": QWEN3_MOE_LLM}
 REMOTE_CODE_LLM = {"qwen2": LLAMA_STYLE_LLM, "llama": LLAMA_STYLE_LLM, "internlm2": INTERNLM2_LLM,
-                   "internlm3": LLAMA_STYLE_LLM}
+                   "internlm3": LLAMA_STYLE_LLM, "qwen3": LLAMA_STYLE_LLM, "qwen3_moe": QWEN3_MOE_LLM}
 
 FORMATS = {
     "transformers": (TRANSFORMERS_VISION, TRANSFORMERS_LLM),

@@ -61,13 +61,16 @@ def language_transformer_config(model, parallel, precision: str = "fp32",
             kwargs.update(recompute_method="uniform", recompute_num_layers=1)
     if precision == "fp8":
         kwargs.update(fp8="hybrid", fp8_recipe="delayed")
+    if lang.num_experts:
+        kwargs.update(moe_kwargs(lang, parallel, te))
     return TransformerConfig(
         num_layers=lang.num_layers,
         hidden_size=lang.hidden_size,
         num_attention_heads=lang.num_heads,
         num_query_groups=lang.num_kv_heads,
         ffn_hidden_size=lang.ffn_hidden_size,
-        kv_channels=lang.hidden_size // lang.num_heads,
+        kv_channels=lang.kv_channels,
+        qk_layernorm=lang.qk_norm,
         normalization="RMSNorm",
         layernorm_epsilon=lang.norm_eps,
         gated_linear_unit=True,
@@ -98,12 +101,36 @@ def language_transformer_config(model, parallel, precision: str = "fp32",
     )
 
 
+def moe_kwargs(lang, parallel, te: bool) -> dict:
+    """megatron's MoE settings for Qwen3-MoE. Softmax router: with renormalised top-k
+    probabilities (HF ``norm_topk_prob``) that is megatron's top-k of the logits then a softmax
+    over the k (``moe_router_pre_softmax=False``), the same function; without, a softmax over all
+    experts then top-k. The router runs in fp32 like HF's."""
+    aux = lang.moe_aux_loss_coeff
+    return dict(
+        num_moe_experts=lang.num_experts,
+        moe_router_topk=lang.moe_top_k,
+        moe_ffn_hidden_size=lang.moe_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not lang.moe_norm_topk_prob,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if aux else "none",
+        moe_aux_loss_coeff=aux,
+        moe_z_loss_coeff=lang.moe_z_loss_coeff or None,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=te,
+        expert_model_parallel_size=getattr(parallel, "expert_parallel", 1),
+        expert_tensor_parallel_size=1,
+    )
+
+
 def build_language_model(model, parallel, precision="fp32", pre_process=True, post_process=True,
                          vp_stage=None, initialize: bool = True) -> LanguageModel:
     config = language_transformer_config(model, parallel, precision, initialize)
     return LanguageModel(
         config,
-        decoder_layer_spec(model.spec),
+        decoder_layer_spec(model.spec, qk_norm=model.language.qk_norm,
+                           num_experts=model.language.num_experts),
         vocab_size=model.language.vocab_size,
         rope_theta=model.language.rope_theta,
         max_sequence_length=model.language.max_position_embeddings,

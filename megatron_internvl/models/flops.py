@@ -27,11 +27,11 @@ class StepShapes:
 
 def llm_forward_flops(lang, sample_lengths) -> float:
     h, layers = lang.hidden_size, lang.num_layers
-    head_dim = h // lang.num_heads
-    kv = lang.num_kv_heads * head_dim
+    q = lang.num_heads * lang.kv_channels  # the query width (Qwen3: not the hidden size)
+    kv = lang.num_kv_heads * lang.kv_channels
     tokens = float(sum(sample_lengths))
-    per_token_layer = 2 * (h * (h + 2 * kv) + h * h) + 2 * 3 * h * lang.ffn_hidden_size
-    attention = sum(2.0 * h * L * L for L in sample_lengths)  # causal: half of 4*L^2*h
+    per_token_layer = 2 * (h * (q + 2 * kv) + q * h) + 2 * 3 * h * lang.ffn_hidden_size
+    attention = sum(2.0 * q * L * L for L in sample_lengths)  # causal: half of 4*L^2*q
     logits = 2 * tokens * h * lang.vocab_size
     return layers * (tokens * per_token_layer + attention) + logits
 

@@ -78,8 +78,25 @@ def describe_spec(preference: str = "auto") -> str:
     return f"local ({why}): {describe_backends()}"
 
 
-def local_decoder_layer_spec(attn_mask_type=AttnMaskType.causal) -> ModuleSpec:
-    """Pre-norm transformer layer from local megatron-core linears and the project's attention."""
+def local_decoder_layer_spec(attn_mask_type=AttnMaskType.causal, qk_norm: bool = False,
+                             num_experts: int = 0) -> ModuleSpec:
+    """Pre-norm transformer layer from local megatron-core linears and the project's attention.
+
+    ``qk_norm`` (Qwen3): megatron builds q/k norms of size head_dim, applies them per head after
+    the qkv projection and before RoPE, and sums their gradients over the TP group.
+    ``num_experts`` > 0 (Qwen3-MoE): megatron's ``MoELayer`` (router, all-to-all dispatcher,
+    experts as a ``SequentialMLP`` of local MLPs); its pre-MLP norm keeps its own name, as in
+    megatron's TE MoE spec (the norm is not fused into a linear there)."""
+    keys = dict(_FUSED_NORM_KEYS)
+    mlp = ModuleSpec(
+        module=MLP,
+        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+    )
+    if num_experts:
+        from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+        mlp = get_moe_module_spec(use_te=False, num_experts=num_experts, moe_grouped_gemm=False)
+        del keys["pre_mlp_layernorm."]
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -91,27 +108,26 @@ def local_decoder_layer_spec(attn_mask_type=AttnMaskType.causal) -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=CoreAttention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=Norm if qk_norm else IdentityOp,
+                    k_layernorm=Norm if qk_norm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-            ),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
             # Same checkpoint keys as the TE spec, whose norms are fused into the linears.
-            sharded_state_dict_keys_map=dict(_FUSED_NORM_KEYS),
+            sharded_state_dict_keys_map=keys,
         ),
     )
 
 
-def te_decoder_layer_spec(attn_mask_type=AttnMaskType.causal) -> ModuleSpec:
+def te_decoder_layer_spec(attn_mask_type=AttnMaskType.causal, qk_norm: bool = False,
+                          num_experts: int = 0) -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    spec = get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_with_transformer_engine_spec(
+        num_experts=num_experts or None, moe_grouped_gemm=bool(num_experts), qk_layernorm=qk_norm)
     spec.submodules.self_attention.params["attn_mask_type"] = attn_mask_type
     return spec
 
@@ -134,10 +150,11 @@ def block_spec(config, layer_spec: ModuleSpec, vp_stage=None) -> TransformerBloc
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=norm)
 
 
-def decoder_layer_spec(preference: str = "auto", attn_mask_type=AttnMaskType.causal) -> ModuleSpec:
+def decoder_layer_spec(preference: str = "auto", attn_mask_type=AttnMaskType.causal,
+                       qk_norm: bool = False, num_experts: int = 0) -> ModuleSpec:
     if use_transformer_engine(preference):
-        return te_decoder_layer_spec(attn_mask_type)
-    return local_decoder_layer_spec(attn_mask_type)
+        return te_decoder_layer_spec(attn_mask_type, qk_norm, num_experts)
+    return local_decoder_layer_spec(attn_mask_type, qk_norm, num_experts)
 
 
 def _vision_attention_params(vision) -> dict:

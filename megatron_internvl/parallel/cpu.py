@@ -257,6 +257,16 @@ def _patch_factories() -> None:
         return original_to(self, *args, **kwargs)
 
     torch.Tensor.to = to
+    # megatron's all-to-all (MoE dispatch) allocates with new_empty(device=current_device()),
+    # also inside backward.
+    original_new_empty = torch.Tensor.new_empty
+
+    def new_empty(self, *args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        return original_new_empty(self, *args, **kwargs)
+
+    torch.Tensor.new_empty = new_empty
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
     torch.Tensor.record_stream = lambda self, *args, **kwargs: None
@@ -322,6 +332,24 @@ def _patch_pipeline_p2p() -> None:
     p2p.P2PCommunicator._communicate_shapes = communicate_shapes
 
 
+def _patch_moe() -> None:
+    """megatron's MoE layer without Transformer Engine on gloo: the router names TE's gemm even
+    when TE is absent (a NameError), and the all-to-all dispatcher turns its split sizes into
+    host arrays only for CUDA tensors, while gloo's all_to_all_single wants lists."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda and as_numpy:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def cpu_mode_active() -> bool:
     return _INSTALLED
 
@@ -338,6 +366,7 @@ def install() -> bool:
     _patch_megatron_rng()
     _patch_factories()
     _patch_pipeline_p2p()
+    _patch_moe()
     _MODE = _CudaToCpu()
     _MODE.__enter__()
     _INSTALLED = True

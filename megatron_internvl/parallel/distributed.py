@@ -133,6 +133,7 @@ def initialize(parallel, seed: int = 1234, timeout_minutes: float = 10.0) -> Lau
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
         context_parallel_size=parallel.context_parallel,
+        expert_model_parallel_size=getattr(parallel, "expert_parallel", 1),
     )
     seed_everything(seed)
     return launch

@@ -34,9 +34,15 @@ def _flatten(obj) -> Iterator:
 
 
 def canonical_name(sh: ShardedTensor) -> str:
-    """Per-layer name of the full tensor a shard belongs to."""
+    """Per-layer name of the full tensor a shard belongs to. MoE experts (megatron's
+    ``...mlp.experts.experts.linear_fc1.weight`` stacked over layers and global experts) become
+    ``...layers.L.mlp.experts.local_experts.E.linear_fc1.weight`` with the global expert E."""
     if sh.prepend_axis_num == 0:
         return sh.key
+    if sh.prepend_axis_num == 2 and ".layers." in sh.key and ".experts.experts." in sh.key:
+        head, tail = sh.key.split(".layers.", 1)
+        tail = tail.replace(".experts.experts.", f".experts.local_experts.{sh.global_offset[1]}.", 1)
+        return f"{head}.layers.{sh.global_offset[0]}.{tail}"
     if sh.prepend_axis_num != 1 or ".layers." not in sh.key:
         raise NotImplementedError(f"unexpected stacked shard {sh.key} ({sh.prepend_axis_num} axes)")
     head, tail = sh.key.split(".layers.", 1)

@@ -58,9 +58,10 @@ def llm_layer_activation_bytes(lang, tokens: int, tp: int, sp: bool) -> float:
     SwiGLU input (2f) and output (f, FC2's input), split over TP.
     """
     h, f = lang.hidden_size, lang.ffn_hidden_size
-    kv = lang.num_kv_heads * (h // lang.num_heads)
+    q = lang.num_heads * lang.kv_channels  # Qwen3: the query width is not the hidden size
+    kv = lang.num_kv_heads * lang.kv_channels
     outside_tp = 4 * h / (tp if sp else 1)
-    inside_tp = (h + 2 * kv + h + 3 * f) / tp
+    inside_tp = (q + 2 * kv + q + 3 * f) / tp
     return tokens * (outside_tp + inside_tp) * ACT_BYTES
 
 

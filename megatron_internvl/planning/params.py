@@ -21,11 +21,13 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def llm_layer_params(lang, tp: int) -> int:
-    """One decoder layer on one TP rank: two RMSNorms, QKV (+bias), projection, SwiGLU MLP."""
+    """One decoder layer on one TP rank: two RMSNorms, QKV (+bias), q/k norms (Qwen3),
+    projection, SwiGLU MLP."""
     h, f = lang.hidden_size, lang.ffn_hidden_size
-    head_dim = h // lang.num_heads
+    head_dim = lang.kv_channels
     qkv_rows = (lang.num_heads + 2 * lang.num_kv_heads) * head_dim // tp
     n = 2 * h  # input_layernorm + pre_mlp_layernorm weights
+    n += 2 * head_dim if lang.qk_norm else 0
     n += qkv_rows * h + (qkv_rows if lang.qkv_bias else 0)
     n += h * (lang.num_heads * head_dim // tp)  # linear_proj, no bias
     n += (2 * f // tp) * h + h * (f // tp)  # linear_fc1 (gate + up), linear_fc2

@@ -25,6 +25,10 @@ class TinyCheckpoints:
         self._add("internlm3", "internlm3", models.VIT_300M, seed=4)
         self.dirs["internlm3-remote"] = root / "internlm3-remote"
         models.write_remote_internlm3(self.dirs["internlm3"], self.dirs["internlm3-remote"], self.models["internlm3"])
+        # Qwen3 (InternVL3.5's dense LLMs): head_dim apart from hidden / heads, q/k norms.
+        self._add("qwen3", "qwen3", models.VIT_300M, seed=5)
+        self.dirs["qwen3-remote"] = root / "qwen3-remote"
+        models.write_remote_qwen3(self.dirs["qwen3"], self.dirs["qwen3-remote"], self.models["qwen3"])
 
     def _add(self, name, text_type, vision, seed):
         path = self.root / name

@@ -43,6 +43,15 @@ def tiny_config(text_type: str = "qwen2", vision: dict = VIT_300M):
         text.pop("rope_theta")
         text.update(attention_bias=False, mlp_bias=False, head_dim=TEXT["hidden_size"] // TEXT["num_attention_heads"],
                     rope_parameters={"rope_type": "dynamic", "factor": 6.0, "rope_theta": 50000.0})
+    if text_type == "qwen3":
+        # Qwen3's kind: head_dim set on its own (4 x 32 = 128 query width over a 64 hidden), per-head
+        # q/k RMSNorm, no biases, rope theta 1e6.
+        text.update(head_dim=32, attention_bias=False, rope_theta=1e6, use_sliding_window=False)
+    if text_type == "qwen3_moe":
+        # Qwen3-MoE's kind: Qwen3 attention, every layer 4 experts of FFN 48, top-2, renormalised.
+        text.update(head_dim=32, attention_bias=False, rope_theta=1e6, use_sliding_window=False,
+                    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
     return InternVLConfig(
         vision_config=dict(vision), text_config=text, image_token_id=IMG_CONTEXT,
         image_seq_length=TOKENS_PER_TILE, downsample_ratio=0.5, tie_word_embeddings=False,
@@ -54,7 +63,11 @@ def randomize(model, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-        if "norm" in name or "layernorm" in name:
+        if name.endswith("mlp.gate.weight"):
+            # MoE router: logits far apart, so no near-tie decides the top-k differently between
+            # two correct implementations.
+            value = 0.5 * noise
+        elif "norm" in name or "layernorm" in name:
             value = (1.0 + 0.2 * noise) if name.endswith("weight") else 0.1 * noise
         elif "lambda_" in name:
             value = 0.1 + 0.05 * noise
@@ -213,6 +226,65 @@ def write_remote_internlm3(src_dir, out_dir, model) -> None:
         "bias": False,
         "tie_word_embeddings": False,
     }
+    _write_remote(out_dir, out, llm_config, cfg.vision_config)
+
+
+def _saved_state_dict(src_dir) -> dict:
+    """The tensors save_pretrained wrote (experts one by one), under transformers' in-memory
+    prefixes (``model.language_model.``, ``model.vision_tower.``, ``lm_head.``)."""
+    from safetensors.torch import load_file
+
+    sd = {}
+    for file in sorted(Path(src_dir).glob("*.safetensors")):
+        sd.update(load_file(str(file)))
+    renames = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+               ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+    out = {}
+    for name, tensor in sd.items():
+        for old, new in renames:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        out[name] = tensor
+    return out
+
+
+def write_remote_qwen3(src_dir, out_dir, model) -> None:
+    """The weights of a transformers Qwen3 or Qwen3-MoE text InternVL in the remote-code layout
+    of InternVL3.5 (OpenGVLab/InternVL3_5-*): Qwen3(Moe)ForCausalLM names under ``language_model.``."""
+    cfg = model.config
+    tc = cfg.text_config
+    sd = _saved_state_dict(src_dir)
+    out = _remote_vision(sd, cfg.vision_config)
+    for name in list(sd):
+        if name.startswith("model.language_model."):
+            out["language_model.model." + name[len("model.language_model."):]] = sd.pop(name)
+    out["language_model.lm_head.weight"] = sd.pop("lm_head.weight")
+    assert not sd, f"unconverted: {sorted(sd)}"
+    moe = tc.model_type == "qwen3_moe"
+    llm_config = {
+        "architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
+        "model_type": tc.model_type,
+        "hidden_size": tc.hidden_size,
+        "num_hidden_layers": tc.num_hidden_layers,
+        "num_attention_heads": tc.num_attention_heads,
+        "num_key_value_heads": tc.num_key_value_heads,
+        "head_dim": tc.head_dim,
+        "intermediate_size": tc.intermediate_size,
+        "vocab_size": tc.vocab_size,
+        "rms_norm_eps": tc.rms_norm_eps,
+        "rope_theta": tc.rope_parameters["rope_theta"],
+        "rope_scaling": None,
+        "max_position_embeddings": tc.max_position_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "tie_word_embeddings": False,
+    }
+    if moe:
+        llm_config.update(num_experts=tc.num_experts, num_experts_per_tok=tc.num_experts_per_tok,
+                          moe_intermediate_size=tc.moe_intermediate_size, norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[])
     _write_remote(out_dir, out, llm_config, cfg.vision_config)
 
 

@@ -40,6 +40,8 @@ def parity(tiny, tmp_path_factory):
     job("internlm2", "internlm2-remote", (1, 2, None), [(2, 1)])
     job("internlm3", "internlm3", (2, 1, None), [(2, 1), (1, 2)])
     job("internlm3-remote", "internlm3-remote", (1, 2, None), [(2, 1)])
+    job("qwen3", "qwen3", (2, 1, None), [(2, 1), (1, 2)])
+    job("qwen3-remote", "qwen3-remote", (1, 2, None), [(2, 1), (2, 2)])
     results = {}
     for rank_result in run_ranks(import_and_forward, 4, jobs, tiny.batches, timeout=400):
         results.update(rank_result)
@@ -87,3 +89,14 @@ def test_internlm3_matches_transformers_in_both_formats(parity, tiny):
     _check(parity[("internlm3", "TP=1 PP=2")], ref, "InternLM3 saved at TP=2, loaded at PP=2")
     remote = parity[("internlm3-remote", "TP=2 PP=1")]
     _check(remote, ref, "remote-code InternLM3 saved at PP=2, loaded at TP=2")
+
+
+def test_qwen3_matches_transformers_in_both_formats(parity, tiny):
+    """InternVL3.5's dense LLM: transformers' Qwen3 (head_dim 32 over a 64 hidden with 4 heads,
+    per-head q/k RMSNorm before RoPE, no biases) is the reference, in the transformers-native and
+    the remote-code (Qwen3ForCausalLM) layouts, at TP=2, PP=2 and TP=2 x PP=2."""
+    ref = tiny.refs["qwen3"]
+    _check(parity[("qwen3", "TP=2 PP=1")], ref, "Qwen3 at TP=2")
+    _check(parity[("qwen3", "TP=1 PP=2")], ref, "Qwen3 saved at TP=2, loaded at PP=2")
+    _check(parity[("qwen3-remote", "TP=2 PP=1")], ref, "remote-code Qwen3 saved at PP=2, loaded at TP=2")
+    _check(parity[("qwen3-remote", "TP=2 PP=2")], ref, "remote-code Qwen3 saved at PP=2, loaded at TP=2 x PP=2")

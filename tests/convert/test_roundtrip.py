@@ -142,6 +142,35 @@ def test_internlm3_roundtrips_and_crosses_formats(tiny, tmp_path):
             assert torch.equal(model.eval()(**batch).logits, tiny.refs["internlm3"][name]), name
 
 
+def test_qwen3_roundtrips_and_crosses_formats(tiny, tmp_path):
+    """Qwen3 (InternVL3.5): remote code -> TP=2 -> remote code is bitwise with its own config;
+    exported in the transformers format, the tensors are those of the transformers twin and
+    from_pretrained computes the reference logits."""
+    src = tiny.dirs["qwen3-remote"]
+    ckpt = tmp_path / "ckpt"
+    _run(CONVERT + ["import", "--hf-dir", src, "--out", ckpt, "--tp", "2"])
+    saved = yaml_model(ckpt)["language"]
+    assert saved["arch"] == "qwen3" and saved["qkv_bias"] is False and saved["qk_norm"] is True
+    assert saved["head_dim"] == 32 and saved["rope_theta"] == 1e6
+    remote, native = tmp_path / "remote", tmp_path / "native"
+    _run(CONVERT + ["export", "--ckpt", ckpt, "--out", remote, "--format", "remote-code"])
+    _assert_bitwise(src, remote)
+    assert json.loads((remote / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+
+    _run(CONVERT + ["export", "--ckpt", ckpt, "--out", native, "--format", "transformers"])
+    _assert_bitwise(tiny.dirs["qwen3"], native)
+    text = json.loads((native / "config.json").read_text())["text_config"]
+    assert text["model_type"] == "qwen3" and text["head_dim"] == 32
+    from transformers import InternVLForConditionalGeneration
+
+    model, info = InternVLForConditionalGeneration.from_pretrained(native, output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(model.model.language_model).__name__ == "Qwen3Model"
+    with torch.no_grad():
+        for name, batch in tiny.batches.items():
+            assert torch.equal(model.eval()(**batch).logits, tiny.refs["qwen3"][name]), name
+
+
 def yaml_model(ckpt):
     import yaml
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch
 
 
-def _layout_name(tp, pp, first=None):
-    return f"TP={tp} PP={pp}" + (f" (first stage {first} layers)" if first is not None else "")
+def _layout_name(tp, pp, first=None, ep=1):
+    return (f"TP={tp} PP={pp}" + (f" EP={ep}" if ep > 1 else "")
+            + (f" (first stage {first} layers)" if first is not None else ""))
 
 
 def import_and_forward(jobs: list[dict], batches: dict) -> dict:
-    """jobs: dicts with hf_dir, ckpt (an existing empty directory), save=(tp, pp, first_stage),
-    loads=[(tp, pp), ...]. Returns {(job name, load layout): {batch name: logits}} from the rank
+    """jobs: dicts with hf_dir, ckpt (an existing empty directory), save=(tp, pp, first_stage[,
+    ep]), loads=[(tp, pp[, ep]), ...] (MoE: experts split over ep ranks). Returns {(job name, load layout): {batch name: logits}} from the rank
     that holds the logits (last stage, TP rank 0, DP rank 0); other ranks return {}."""
     from megatron.core import parallel_state as ps
 
@@ -29,12 +30,13 @@ def import_and_forward(jobs: list[dict], batches: dict) -> dict:
 
     out = {}
     for job in jobs:
-        tp, pp, first = job["save"]
-        hf, import_job, _ = plan(job["hf_dir"], tp, pp, first)
+        tp, pp, first, *ep = job["save"]
+        hf, import_job, _ = plan(job["hf_dir"], tp, pp, first, ep=ep[0] if ep else 1)
         import_job.out_dir = job["ckpt"]
         convert_on_rank(import_job)
-        for ltp, lpp in job["loads"]:
-            parallel = ParallelConfig(tensor_parallel=ltp, pipeline_parallel=lpp)
+        for ltp, lpp, *lep in job["loads"]:
+            lep = lep[0] if lep else 1
+            parallel = ParallelConfig(tensor_parallel=ltp, pipeline_parallel=lpp, expert_parallel=lep)
             distributed.initialize(parallel)
             model = build_chunk(hf.model, parallel, "fp32")
             load_weights(model, job["ckpt"])
@@ -48,6 +50,6 @@ def import_and_forward(jobs: list[dict], batches: dict) -> dict:
                 and ps.get_data_parallel_rank() == 0
             )
             if holder:
-                out[(job["name"], _layout_name(ltp, lpp))] = logits
+                out[(job["name"], _layout_name(ltp, lpp, ep=lep))] = logits
             torch.distributed.barrier()
     return out
