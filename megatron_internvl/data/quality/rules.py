@@ -6,7 +6,7 @@ Rule names as they appear in the flagged file, the review file and the report:
 |---|---|
 | `unreadable` | a line the trainer would skip (not JSON, no conversations, no text) |
 | `length` | a sample or turn far longer / shorter than the dataset's own distribution |
-| `char_run` | a long run of one character, e.g. `000000...` |
+| `char_run` | a long run of one character, e.g. `000000...`, or a ruler / leader far longer than a table needs |
 | `token_run` | one word or number repeated many times in a row |
 | `duplicate_lines` | a text whose lines are largely copies of each other |
 | `empty_answer` | an empty or whitespace-only answer |
@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from . import repetition
+from . import repetition, structure
 from .lengths import LengthLimits
 from .records import SampleView, Unreadable, read_view
 from .repetition import Finding
@@ -41,13 +41,16 @@ def enabled_rules(settings: FilterSettings) -> list[str]:
     return out
 
 
-def char_runs(text: str, max_run: int, ignore: str) -> Optional[dict]:
-    """The first run of more than `max_run` copies of one character not in `ignore`."""
+def char_runs(text: str, max_run: int, ignore: str, max_ruler_run: int = 0) -> Optional[dict]:
+    """The first run of more than `max_run` copies of one character not in `ignore`, or of more
+    than `max_ruler_run` (if not 0) copies of a character in `ignore` other than whitespace."""
     # one regex pass: C finds runs at C speed, Python only looks at the hits
     for m in _char_run_re(max_run).finditer(text):
         c = m.group(1)
         if c not in ignore:
             return {"char": c, "run": len(m.group(0)), "at": m.start(), "max_run": max_run}
+        if max_ruler_run and m.end() - m.start() > max_ruler_run and not c.isspace():
+            return {"char": c, "run": m.end() - m.start(), "at": m.start(), "max_run": max_ruler_run, "ruler": True}
     return None
 
 
@@ -75,10 +78,12 @@ def token_run(text: str, max_run: int) -> Optional[dict]:
 
 
 def duplicate_lines(text: str, min_chars: int) -> tuple[int, int, str, int]:
-    """(duplicate lines, lines counted, most repeated line, its count) over lines >= min_chars."""
+    """(duplicate lines, lines counted, most repeated line, its count) over the content lines
+    (structure.units: a pretty-printed JSON object is one line) of >= min_chars."""
+    prose, objects = structure.units(text)
     seen: dict[str, int] = {}
     n = dup = 0
-    for line in text.split("\n"):
+    for line in prose.split("\n") + objects:
         line = line.strip()
         # rulers and table separators ("|---|---|") repeat by design
         if len(line) < min_chars or not _HAS_WORD.search(line):
@@ -151,7 +156,7 @@ def check_view(view: SampleView, settings: FilterSettings, limits: Optional[Leng
 
 def _char_run(text, settings):
     c = settings.heuristics.char_run
-    return char_runs(text, c.max_run, c.ignore_chars)
+    return char_runs(text, c.max_run, c.ignore_chars, c.max_ruler_run)
 
 
 def _token_run(text, settings):

@@ -33,11 +33,13 @@ class LengthRule:
 
 @dataclass
 class CharRunRule:
-    """A long run of one character (e.g. zeros), ignoring characters used for rulers."""
+    """A long run of one character (e.g. zeros). Characters used for rulers, leaders and
+    underlines (`ignore_chars`) may run longer: up to `max_ruler_run`, whitespace without limit."""
 
     enabled: bool = True
     max_run: int = 24
     ignore_chars: str = "-=_*.#~ \t\n"
+    max_ruler_run: int = 200        # a run of a non-whitespace ignore_char longer than this is flagged; 0: never
 
 
 @dataclass
@@ -117,12 +119,14 @@ class SentenceRepetition:
 
 @dataclass
 class LoopRepetition:
-    """The answer ends in the same span repeated (a generation loop, possibly cut mid-span)."""
+    """One span of words written many times in a row, anywhere in the answer (a generation
+    loop); at the end of the answer the last copy may be cut mid-span or mid-word."""
 
     enabled: bool = True
-    max_period: int = 64            # longest span looked for, in tokens
-    min_repeats: float = 3.0
-    min_tokens: int = 16            # the looping suffix must cover at least this many tokens
+    max_period: int = 64            # longest span looked for, in words
+    min_repeats: float = 3.0        # copies needed by a loop that ends the answer (a model stopped by its limit)
+    min_repeats_inside: float = 4.0  # copies needed by a loop followed by more text
+    min_tokens: int = 16            # the loop must cover at least this many words
 
 
 @dataclass
@@ -213,13 +217,15 @@ class FilterSettings:
             (0 <= h.length.lower_factor <= 1, "heuristics.length.lower_factor must be in [0, 1]"),
             (h.length.sample_size >= 100, "heuristics.length.sample_size must be >= 100"),
             (h.char_run.max_run >= 2, "heuristics.char_run.max_run must be >= 2"),
+            (h.char_run.max_ruler_run >= 0, "heuristics.char_run.max_ruler_run must be >= 0 (0: never)"),
             (h.token_run.max_run >= 2, "heuristics.token_run.max_run must be >= 2"),
             (0 < h.duplicate_lines.max_share <= 1, "heuristics.duplicate_lines.max_share must be in (0, 1]"),
             (r.ngram.n >= 1, "repetition.ngram.n must be >= 1"),
             (0 < r.ngram.max_share <= 1, "repetition.ngram.max_share must be in (0, 1]"),
             (0 < r.ngram.max_top_coverage <= 1, "repetition.ngram.max_top_coverage must be in (0, 1]"),
             (0 < r.sentences.max_share <= 1, "repetition.sentences.max_share must be in (0, 1]"),
-            (r.loop.max_period >= 1 and r.loop.min_repeats > 1, "repetition.loop needs max_period >= 1 and min_repeats > 1"),
+            (r.loop.max_period >= 1 and r.loop.min_repeats > 1 and r.loop.min_repeats_inside > 1,
+             "repetition.loop needs max_period >= 1, min_repeats > 1 and min_repeats_inside > 1"),
             (0 < r.compression.min_ratio < 1, "repetition.compression.min_ratio must be in (0, 1)"),
             (s.unparsable in ("keep", "flag"), "scorer.unparsable must be 'keep' or 'flag'"),
             (s.device in ("auto", "cpu", "cuda"), "scorer.device must be auto, cpu or cuda"),
