@@ -246,14 +246,19 @@ def test_length_rule_flags_per_turn_and_per_sample():
     rng = np.random.default_rng(1)
     for i in range(400):
         view = read_view(conv_line(NATURAL[: int(rng.integers(100, 400))]), "chat")
-        sketch.add("sample", i, view.total_chars)
+        sketch.add("sample", i, view.sample_chars)
         for j, f in enumerate(view.fields):
             sketch.add(f.role, i, len(f.text), j)
     limits = limits_from(sketch, S.heuristics.length)
     long = check_line(conv_line(NATURAL * 12), "chat", "text", S, limits)
     assert [f.evidence["field"] for f in long if f.rule == "length"] == ["sample"]
-    long_q = check_line(conv_line("A dog.", question="<image>\n" + NATURAL * 3), "chat", "text", S, limits)
-    assert [(f.evidence["field"], f.evidence["role"]) for f in long_q if f.rule == "length"] == [("turn 0", "user")]
+    # a long prompt is not what the model learns to produce: only the off-by-default prompt_length flags it
+    long_q = conv_line(NATURAL[:200], question="<image>\n" + NATURAL * 3)
+    assert rules_of(long_q, limits=limits) == set()
+    prompts = load_settings(overrides={"heuristics": {"prompt_length": {"enabled": True}}})
+    found = check_line(long_q, "chat", "text", prompts, limits_from(sketch, prompts.heuristics.length,
+                                                                     prompts.heuristics.prompt_length))
+    assert [(f.rule, f.evidence["field"], f.evidence["role"]) for f in found] == [("prompt_length", "turn 0", "user")]
     assert "length" not in rules_of(conv_line(NATURAL[:250]), limits=limits)
 
 

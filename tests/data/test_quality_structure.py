@@ -1,16 +1,19 @@
 """Issue 23, rule by rule, positive and negative: loops anywhere in an answer (and cut mid-word at
 its end) with their evidence, ruler / leader runs, structure-aware counting (LaTeX, matrices,
-markdown, JSON).
+markdown, JSON), the length rule without user turns and the off-by-default prompt_length rule.
 Cases are drawn at random where the rule should not depend on the particular text."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from megatron_internvl.data.quality import repetition, structure
+from megatron_internvl.data.quality.manifest import read_flagged
+from megatron_internvl.data.quality.pipeline import run_filter
 from megatron_internvl.data.quality.rules import check_line
 from megatron_internvl.data.quality.settings import FilterSettings, RulesError, load_settings
 
@@ -254,8 +257,48 @@ def test_indented_json_does_not_look_compressible():
     assert "repetition.compression" in findings("".join(f"<row id='{k % 3}' value='aaaaaaaa'/>" for k in range(200)))
 
 
+# --------------------------------------------------------------------------- lengths
+
+def write_dataset(path, recs):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_long_prompts_are_checked_only_by_prompt_length(tmp_path):
+    g = TextGen(16)
+    recs = [{"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\n" + g.sentence()},
+                                                 {"from": "gpt", "value": g.paragraph(1, 3)}]} for _ in range(400)]
+    pasted = {"conversations": [{"from": "human", "value": g.document(3000, 6000) + "\nSummarise it."},
+                                {"from": "gpt", "value": g.paragraph(1, 3)}]}
+    rambling = {"conversations": [{"from": "human", "value": g.sentence()},
+                                  {"from": "gpt", "value": "\n\n".join(g.paragraph(8, 14) for _ in range(12))}]}
+    recs[100], recs[200] = pasted, rambling
+    data = tmp_path / "data"
+    os.makedirs(data)
+    write_dataset(data / "d.jsonl", recs)
+    json.dump({"d": {"annotation": "d.jsonl"}}, open(data / "meta.json", "w"))
+
+    def flagged(settings, out):
+        run_filter(str(data / "meta.json"), str(tmp_path / out), settings, log=lambda m: None)
+        return {r["line"]: r for r in read_flagged(str(tmp_path / out / "d" / "flagged.jsonl"))}
+
+    default = flagged(FilterSettings(), "default")
+    assert set(default) == {201} and default[201]["rules"] == ["length"]          # the answer, not the prompt
+    on = load_settings(overrides={"heuristics": {"prompt_length": {"enabled": True}}})
+    with_prompts = flagged(on, "prompts")
+    assert set(with_prompts) == {101, 201} and with_prompts[101]["rules"] == ["prompt_length"]
+    ev = with_prompts[101]["evidence"][0]
+    assert ev["role"] == "user" and ev["chars"] > ev["limit"] == pytest.approx(10 * ev["quantile_chars"], abs=0.1)
+    report = json.load(open(tmp_path / "prompts" / "report.json"))
+    assert report["datasets"][0]["rules"]["prompt_length"] == {"seen": 400, "flagged": 1, "kept": 399}
+    assert "prompt_length" not in json.load(open(tmp_path / "default" / "report.json"))["datasets"][0]["rules"]
+
+
 def test_new_settings_are_checked():
     for overrides, match in [({"heuristics": {"char_run": {"max_ruler_run": -1}}}, "max_ruler_run"),
-                             ({"repetition": {"loop": {"min_repeats_inside": 1}}}, "min_repeats_inside")]:
+                             ({"heuristics": {"prompt_length": {"upper_factor": 0.5}}}, "prompt_length"),
+                             ({"repetition": {"loop": {"min_repeats_inside": 1}}}, "min_repeats_inside"),
+                             ({"heuristics": {"prompt_length": {"factor": 3}}}, "upper_factor")]:
         with pytest.raises(RulesError, match=match):
             load_settings(overrides=overrides)

@@ -1,7 +1,7 @@
 """A dataset's length distribution in bounded memory, and the length limits derived from it.
 
-The first streaming pass keeps, per role ("sample" for whole samples, "user", "assistant",
-"document", ...), a *bottom-k sample*: the k lengths whose line numbers hash lowest. That is a
+The first streaming pass keeps, per role ("sample" for whole samples without their user turns,
+"user", "assistant", "document", ...), a *bottom-k sample*: the k lengths whose line numbers hash lowest. That is a
 uniform sample without replacement of size k (settings `heuristics.length.sample_size`),
 whatever the file size; two chunks' samples merge by keeping the k lowest hashes, so the
 result does not depend on how the file was cut or on the number of workers. Quantiles are
@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from .settings import LengthRule
+from .settings import LengthRule, PromptLengthRule
 
 _MASK = (1 << 64) - 1
 
@@ -109,13 +109,19 @@ class LengthLimits:
         return {role: {"low": b[0], "high": b[1], "q_low": b[2], "q_high": b[3]} for role, b in self.bounds.items()}
 
 
-def limits_from(sketch: LengthSketch, rule: LengthRule) -> Optional[LengthLimits]:
-    """Limits for every role seen at least `rule.min_samples` times; None if none qualifies."""
+def limits_from(sketch: LengthSketch, rule: LengthRule, prompt: Optional[PromptLengthRule] = None) -> Optional[LengthLimits]:
+    """Limits for every role seen at least `rule.min_samples` times; None if none qualifies.
+    User turns get a limit only from an enabled `prompt` rule (its factor, no lower limit)."""
     bounds = {}
     for role, s in sketch.samples.items():
         if sketch.counts.get(role, 0) < rule.min_samples:
             continue
+        if role == "user" and not (prompt and prompt.enabled):
+            continue
         v = s.values()
         q_low, q_high = np.quantile(v, [rule.lower_quantile, rule.upper_quantile])
-        bounds[role] = (rule.lower_factor * q_low, rule.upper_factor * q_high, float(q_low), float(q_high))
+        if role == "user":
+            bounds[role] = (0.0, prompt.upper_factor * q_high, float(q_low), float(q_high))
+        else:
+            bounds[role] = (rule.lower_factor * q_low, rule.upper_factor * q_high, float(q_low), float(q_high))
     return LengthLimits(bounds) if bounds else None

@@ -35,7 +35,7 @@ from .lengths import LengthLimits, LengthSketch, limits_from
 from .manifest import MANIFEST, FilterError, input_stamp, read_flagged
 from .records import Unreadable, read_view
 from .report import dataset_report, write_report
-from .rules import check_line, enabled_rules
+from .rules import LENGTH_RULES, check_line, enabled_rules
 from .settings import FilterSettings
 
 
@@ -77,7 +77,7 @@ def stats_chunk(path: str, start: int, end: int, kind: str, text_field: str, k: 
             view = read_view(raw, kind, text_field)
         except Unreadable:
             continue
-        sketch.add("sample", lines, view.total_chars)
+        sketch.add("sample", lines, view.sample_chars)
         for i, f in enumerate(view.fields):
             sketch.add(f.role, lines, len(f.text), i + 1)
     return {"lines": lines, "sketch": sketch.to_dict()}
@@ -107,7 +107,7 @@ def check_chunk(path: str, start: int, end: int, first_line: int, kind: str, tex
             for f in findings:
                 counts[f.rule] += 1
             out.write(_flag_line(line_no, raw, [{"rule": f.rule, **f.evidence} for f in findings]))
-    seen = {r: (samples if r == "unreadable" else (readable if r != "length" or lim else 0)) for r in rules}
+    seen = {r: (samples if r == "unreadable" else (readable if r not in LENGTH_RULES or lim else 0)) for r in rules}
     return {"samples": samples, "flagged": flagged,
             "rules": {r: {"seen": seen[r], "flagged": counts[r]} for r in rules}}
 
@@ -240,7 +240,8 @@ class FilterRun:
             part = read_json(os.path.join(job.parts, f"stats.{c}.json"))
             first.append(first[-1] + part["lines"])
             sketch.merge(LengthSketch.from_dict(part["sketch"]))
-        limits = limits_from(sketch, rule) if rule.enabled else None
+        prompt = self.settings.heuristics.prompt_length
+        limits = limits_from(sketch, rule, prompt) if rule.enabled or prompt.enabled else None
         write_json(path, {"first_line": first[:-1], "lines": first[-1] - 1,
                           "limits": limits.to_dict() if limits else None,
                           "counts": sketch.counts})

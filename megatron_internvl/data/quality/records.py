@@ -54,6 +54,12 @@ class SampleView:
     def total_chars(self) -> int:
         return sum(len(f.text) for f in self.fields)
 
+    @property
+    def sample_chars(self) -> int:
+        """The sample's length for the length rule: every field but the user turns (a prompt,
+        however long, is not what the model learns to produce)."""
+        return sum(len(f.text) for f in self.fields if f.role != "user")
+
 
 def _images(rec: dict) -> list[str]:
     img = rec.get("image")

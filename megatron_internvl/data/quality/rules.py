@@ -5,7 +5,8 @@ Rule names as they appear in the flagged file, the review file and the report:
 | rule | catches |
 |---|---|
 | `unreadable` | a line the trainer would skip (not JSON, no conversations, no text) |
-| `length` | a sample or turn far longer / shorter than the dataset's own distribution |
+| `length` | a sample (without its prompts) or an answer far longer / shorter than the dataset's own distribution |
+| `prompt_length` | a user turn far longer than the dataset's own (off by default) |
 | `char_run` | a long run of one character, e.g. `000000...`, or a ruler / leader far longer than a table needs |
 | `token_run` | one word or number repeated many times in a row |
 | `duplicate_lines` | a text whose lines are largely copies of each other |
@@ -26,8 +27,9 @@ from .records import SampleView, Unreadable, read_view
 from .repetition import Finding
 from .settings import FilterSettings
 
-HEURISTIC_RULES = ("unreadable", "length", "char_run", "token_run", "duplicate_lines", "empty_answer",
+HEURISTIC_RULES = ("unreadable", "length", "prompt_length", "char_run", "token_run", "duplicate_lines", "empty_answer",
                    "formatting", "placeholders")
+LENGTH_RULES = ("length", "prompt_length")     # they need the dataset's length distribution
 REPETITION_RULES = ("repetition.ngram", "repetition.sentences", "repetition.loop", "repetition.compression")
 _HAS_WORD = re.compile(r"[^\W_]")
 _SEPARATORS = re.compile(r"[\s,;]+")
@@ -120,15 +122,21 @@ def check_view(view: SampleView, settings: FilterSettings, limits: Optional[Leng
     h = settings.heuristics
     out: list[Finding] = []
     if h.length.enabled and limits is not None:
-        hit = limits.check("sample", view.total_chars)
+        hit = limits.check("sample", view.sample_chars)
         if hit:
             out.append(Finding("length", dict(field="sample", **hit)))
         else:
             for f in view.fields:
-                hit = limits.check(f.role, len(f.text))
+                hit = limits.check(f.role, len(f.text)) if f.role != "user" else None
                 if hit:
                     out.append(Finding("length", dict(field=f.name, role=f.role, **hit)))
                     break
+    if h.prompt_length.enabled and limits is not None:
+        for f in view.fields:
+            hit = limits.check("user", len(f.text)) if f.role == "user" else None
+            if hit:
+                out.append(Finding("prompt_length", dict(field=f.name, role=f.role, **hit)))
+                break
     if h.empty_answer.enabled:
         for f in view.answers:
             if not f.text.strip():

@@ -20,7 +20,8 @@ class RulesError(ValueError):
 
 @dataclass
 class LengthRule:
-    """Sample and turn lengths (characters) far outside the dataset's own distribution."""
+    """Sample and turn lengths (characters) far outside the dataset's own distribution. User
+    turns are left to `prompt_length`: neither checked here nor counted in the sample's length."""
 
     enabled: bool = True
     upper_quantile: float = 0.99
@@ -29,6 +30,16 @@ class LengthRule:
     lower_factor: float = 0.1       # flag below lower_factor x quantile(lower_quantile)
     min_samples: int = 200          # fewer samples in a dataset: no distribution, rule not run
     sample_size: int = 20000        # bounded-memory uniform sample the quantiles come from
+
+
+@dataclass
+class PromptLengthRule:
+    """User turns (prompts, questions) far longer than the dataset's own: off by default, since a
+    prompt is not what the model learns to produce (a pasted document is a fine prompt). Uses the
+    length rule's distribution and `upper_quantile`; there is no lower limit."""
+
+    enabled: bool = False
+    upper_factor: float = 10.0      # flag a user turn above upper_factor x quantile(upper_quantile) of user turns
 
 
 @dataclass
@@ -186,6 +197,7 @@ class ScorerSettings:
 @dataclass
 class HeuristicRules:
     length: LengthRule = field(default_factory=LengthRule)
+    prompt_length: PromptLengthRule = field(default_factory=PromptLengthRule)
     char_run: CharRunRule = field(default_factory=CharRunRule)
     token_run: TokenRunRule = field(default_factory=TokenRunRule)
     duplicate_lines: DuplicateLinesRule = field(default_factory=DuplicateLinesRule)
@@ -216,6 +228,7 @@ class FilterSettings:
             (h.length.upper_factor >= 1, "heuristics.length.upper_factor must be >= 1"),
             (0 <= h.length.lower_factor <= 1, "heuristics.length.lower_factor must be in [0, 1]"),
             (h.length.sample_size >= 100, "heuristics.length.sample_size must be >= 100"),
+            (h.prompt_length.upper_factor >= 1, "heuristics.prompt_length.upper_factor must be >= 1"),
             (h.char_run.max_run >= 2, "heuristics.char_run.max_run must be >= 2"),
             (h.char_run.max_ruler_run >= 0, "heuristics.char_run.max_ruler_run must be >= 0 (0: never)"),
             (h.token_run.max_run >= 2, "heuristics.token_run.max_run must be >= 2"),
