@@ -94,6 +94,12 @@ def _mpo_reference(rest) -> int:
     return reference_main(rest)
 
 
+def _evaluate(rest) -> int:
+    from megatron_internvl.training.evaluate import main as evaluate_main
+
+    return evaluate_main(rest)
+
+
 def _filter_data(rest) -> int:
     from megatron_internvl.data.quality.cli import filter_main
 
@@ -155,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("mpo-reference", help="precompute the MPO reference log-probs of every preference pair "
                    "(mpo.reference=precomputed; RECIPE.yaml [overrides], torchrun for several processes)",
                    add_help=False)
+    sub.add_parser("evaluate", help="validation loss of a checkpoint (RECIPE.yaml checkpoint.load=DIR "
+                   "evaluation.meta_path=META [overrides]; torchrun for several processes)", add_help=False)
     sub.add_parser("filter-data", help="flag anomalous samples of a mixture for review (see `filter-data --help`)",
                    add_help=False)
     sub.add_parser("filter-apply", help="apply a reviewed filter-data run, write a new meta JSON",
@@ -175,6 +183,8 @@ def main(argv=None) -> int:
         return _filter_data(argv[1:])
     if argv and argv[0] == "mpo-reference":
         return _mpo_reference(argv[1:])
+    if argv and argv[0] == "evaluate":
+        return _evaluate(argv[1:])
     if argv and argv[0] == "filter-apply":
         return _filter_apply(argv[1:])
     args = build_parser().parse_args(argv)

@@ -1,5 +1,5 @@
-"""Plot a run's metrics.jsonl: loss, grad norm and throughput curves (and the MPO terms and
-rewards of an MPO run) as PNG files.
+"""Plot a run's metrics.jsonl: loss (with the validation loss beside it), grad norm, throughput and
+where each step's time went (and the MPO terms and rewards of an MPO run) as PNG files.
 
     python tools/plot_metrics.py RUN_DIR [--out DIR]
 """
@@ -17,11 +17,16 @@ MPO_SERIES = [("dpo", "DPO term"), ("bco", "BCO term"), ("sft", "SFT term"),
               ("reward_chosen", "chosen reward"), ("reward_rejected", "rejected reward"), ("delta", "BCO delta")]
 
 
-def load(run_dir: Path) -> list[dict]:
+TIME_PARTS = [("data", "waiting for data"), ("forward_backward", "forward-backward"),
+              ("optimizer", "optimizer"), ("checkpoint", "checkpoint")]
+
+
+def load_all(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The step records and the validation records (`val_loss`)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"plot_metrics: {path} not found: RUN_DIR must be a training run directory")
-    records = []
+    records, validation = [], []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         try:
             rec = json.loads(line)
@@ -30,9 +35,15 @@ def load(run_dir: Path) -> list[dict]:
             continue
         if "loss" in rec:
             records.append(rec)
+        elif "val_loss" in rec:
+            validation.append(rec)
     if not records:
         raise SystemExit(f"plot_metrics: {path} has no step records yet")
-    return records
+    return records, validation
+
+
+def load(run_dir: Path) -> list[dict]:
+    return load_all(run_dir)[0]
 
 
 def running_mean(values: list[float], window: int) -> list[float]:
@@ -65,7 +76,7 @@ def plot(run_dir: Path, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = load(run_dir)
+    recs, val = load_all(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = [r["step"] for r in recs]
     panels = {
@@ -74,6 +85,8 @@ def plot(run_dir: Path, out: Path) -> list[Path]:
         "grad_norm": [("grad_norm", "grad norm")],
         "throughput": [("tokens_per_s", "tokens/s"), ("tflops_per_gpu", "TFLOP/s per GPU")],
     }
+    if any("time_data_s" in r for r in recs):  # where the step's time went
+        panels["time"] = [("time", "seconds per step")]
     if any("mpo" in r for r in recs):  # the MPO stage (docs/mpo.md)
         panels["mpo"] = [(f"mpo.{k}", label) for k, label in MPO_SERIES]
     written = []
@@ -85,10 +98,22 @@ def plot(run_dir: Path, out: Path) -> list[Path]:
             elif key.startswith("dataset_loss."):
                 ds = key.split(".", 1)[1]
                 pts = [(r["step"], r["dataset_loss"][ds]) for r in recs if ds in r.get("dataset_loss", {})]
+            elif key == "time":
+                pts = []
+                stacked = [[r.get(f"time_{k}_s") or 0.0 for r in recs] for k, _ in TIME_PARTS]
+                ax.stackplot(steps, *stacked, labels=[label for _, label in TIME_PARTS], alpha=0.8)
+                ax.legend(loc="upper left", fontsize="small")
             else:
                 pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
             if pts:
                 draw(ax, pts)
+            vkey = "val_loss" if key == "loss" else key.split(".", 1)[1] if key.startswith("dataset_loss.") else None
+            vpts = [(v["step"], v["val_loss"] if vkey == "val_loss" else v["val_dataset_loss"].get(vkey))
+                    for v in val] if vkey else []
+            vpts = [(x, y) for x, y in vpts if y is not None]
+            if vpts:
+                ax.plot(*zip(*vpts), marker="o", color="tab:red", label="validation")
+                ax.legend(loc="best", fontsize="small")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel("step")

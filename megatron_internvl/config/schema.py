@@ -411,10 +411,39 @@ class MpoConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Validation loss during training and `megatron-internvl evaluate` (docs/evaluation.md)."""
+
+    # InternVL meta JSON of the validation datasets (packed and weighted like the training data).
+    meta_path: Optional[str] = None
+    interval: int = 0              # evaluate every N steps; 0: never during training
+    iters: Optional[int] = None    # packs per evaluation; None: the whole set
+    initial: bool = False          # also evaluate before the first step
+
+    def validate(self) -> None:
+        if not isinstance(self.interval, int) or self.interval < 0:
+            raise ConfigError(f"evaluation.interval={self.interval!r} must be an integer >= 0 (0: never)")
+        if self.iters is not None and (not isinstance(self.iters, int) or self.iters < 1):
+            raise ConfigError(f"evaluation.iters={self.iters!r} must be a positive integer, or null "
+                              "for the whole validation set")
+        if (self.interval or self.initial) and not self.meta_path:
+            raise ConfigError("evaluation.interval / evaluation.initial need evaluation.meta_path: "
+                              "the validation meta JSON (InternVL format)")
+
+
+@dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"
     tensorboard: bool = True
     progress: bool = True
+    # [first, last] step recorded by torch.profiler (a trace per rank in RUN_DIR/profile); [] off.
+    profile_steps: list = field(default_factory=list)
+
+    def validate(self) -> None:
+        p = self.profile_steps
+        if p and not (len(p) == 2 and all(isinstance(x, int) for x in p) and 1 <= p[0] <= p[1]):
+            raise ConfigError(f"logging.profile_steps={p!r} must be [first, last] steps with "
+                              "1 <= first <= last, or [] for no trace")
 
 
 @dataclass
@@ -427,12 +456,15 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     mpo: MpoConfig = field(default_factory=MpoConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def validate(self, world_size: Optional[int] = None, require_data: bool = True) -> None:
         self.model.validate()
         self.parallel.validate(self.model)
         self.training.validate()
         self.optimizer.validate()
+        self.evaluation.validate()
+        self.logging.validate()
         if self.training.stage == "mpo":
             self.mpo.validate(self.checkpoint, self.parallel, self.data)
         if self.optimizer.warmup_steps and self.optimizer.warmup_steps >= self.training.train_steps:

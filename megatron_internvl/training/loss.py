@@ -67,6 +67,19 @@ def token_log_probs(language_model, hidden: torch.Tensor, labels: torch.Tensor,
     return logp.reshape(labels.shape)
 
 
+def dataset_sums(per_token: torch.Tensor, weights: torch.Tensor, token_dataset: torch.Tensor,
+                 num_datasets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dataset sums of CE*w and of w over one pack (fp64): the parts of the per-dataset
+    losses (``token_dataset`` -1: padding)."""
+    ds = token_dataset[0]
+    valid = ds >= 0
+    by_ds = torch.zeros(num_datasets, dtype=torch.float64, device=per_token.device)
+    by_ds.index_add_(0, ds[valid], per_token[0][valid].detach().double())
+    ds_w = torch.zeros(num_datasets, dtype=torch.float64, device=per_token.device)
+    ds_w.index_add_(0, ds[valid], weights[0][valid].double())
+    return by_ds, ds_w
+
+
 def global_weight_sum(local_sum: torch.Tensor) -> torch.Tensor:
     """Sum of the loss weights over the DP x CP group (each rank passes its micro-batches' sum)."""
     total = local_sum.detach().clone().to(torch.float64)

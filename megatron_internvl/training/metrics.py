@@ -65,6 +65,21 @@ class MetricsLogger:
                   f"{record['tokens_per_s']:.0f} tok/s{extra} | eta {_fmt_eta(eta)}",
                   file=sys.stderr, flush=True)
 
+    def log_validation(self, record: dict) -> None:
+        """A validation record (`training/evaluate.py`): the same file, TensorBoard under val_*."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            self.writer.add_scalar("val_loss", record["val_loss"], record["step"])
+            for name, v in record["val_dataset_loss"].items():
+                self.writer.add_scalar(f"val_dataset_loss/{name}", v, record["step"])
+        if self.progress:
+            print(f"[eval] step {record['step']} | val_loss {record['val_loss']:.4f} | "
+                  f"{record['val_packs']} packs, {record['val_skipped']} of {record['val_samples']} samples "
+                  f"skipped | {record['val_time_s']:.1f}s", file=sys.stderr, flush=True)
+
     def event(self, step: int, **fields) -> None:
         """Non-step events (skipped updates, loss spikes, stops) go to the same file."""
         if self.enabled:

@@ -8,6 +8,7 @@ Non-finite loss or gradients skip the update on every rank.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,8 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron_internvl.parallel.distributed import compute_device
 
 from megatron_internvl.models.flops import StepShapes
-from .loss import backward_scale, fused_weighted_token_loss, global_weight_sum, weighted_token_loss
+from .loss import (backward_scale, dataset_sums, fused_weighted_token_loss, global_weight_sum,
+                   weighted_token_loss)
 
 
 @dataclass
@@ -32,6 +34,7 @@ class StepResult:
     dataset_loss: dict = field(default_factory=dict)
     shapes: StepShapes | None = None
     mpo: dict = field(default_factory=dict)  # MPO terms, rewards, delta (training/mpo/objective.py)
+    times: dict = field(default_factory=dict)  # seconds: forward_backward, optimizer
 
 
 def packed_seq_params(batch) -> PackedSeqParams:
@@ -109,17 +112,13 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
                 weighted = per_token.sum()
             if inject_nan:
                 weighted = weighted * float("nan")
-            by_ds = torch.zeros(num_datasets, dtype=torch.float64, device=device)
-            ds = b["token_dataset"][0]
-            valid = ds >= 0
-            by_ds.index_add_(0, ds[valid], per_token[0][valid].detach().double())
-            ds_w = torch.zeros(num_datasets, dtype=torch.float64, device=device)
-            ds_w.index_add_(0, ds[valid], b["loss_weights"][0][valid].double())
+            by_ds, ds_w = dataset_sums(per_token, b["loss_weights"], b["token_dataset"], num_datasets)
             return weighted / max(total_w, 1e-12) * scale, {
                 "loss": weighted.detach().double() / max(total_w, 1e-12), "ds": by_ds, "ds_w": ds_w}
 
         return out, loss_func
 
+    t0 = time.monotonic()
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -151,6 +150,7 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
     loss = float(stats[0])
     mpo_stats = mpo.reduce(outputs, total_pairs, device) if mpo is not None else {}
 
+    t1 = time.monotonic()  # float(stats[0]) waited for the last stage's loss
     finite = math.isfinite(loss) and _grads_finite(chunks)
     grad_norm = None
     if finite:
@@ -158,6 +158,7 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
         finite = bool(ok) and grad_norm is not None and math.isfinite(grad_norm)
         if finite:
             scheduler.step(increment=1)
+    times = {"forward_backward": t1 - t0, "optimizer": time.monotonic() - t1}
     tokens = torch.tensor([sum(int(b["num_tokens"]) for b in batches),
                            sum(int(b["pixel_values"].shape[0]) for b in batches)], dtype=torch.float64,
                           device=device)
@@ -171,4 +172,4 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
                         tiles=sum(int(b["pixel_values"].shape[0]) for b in batches))
     return StepResult(loss=loss, grad_norm=None if grad_norm is None else float(grad_norm),
                       updated=finite, tokens=int(tokens[0]), tiles=int(tokens[1]),
-                      dataset_loss=ds_loss, shapes=shapes, mpo=mpo_stats)
+                      dataset_loss=ds_loss, shapes=shapes, mpo=mpo_stats, times=times)
