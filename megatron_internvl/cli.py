@@ -1,4 +1,5 @@
-"""`megatron-internvl` command line: train, convert, plan, inspect-data, filter-data, filter-apply."""
+"""`megatron-internvl` command line: train, convert, plan, inspect-data, filter-data, filter-apply,
+verify-checkpoint."""
 
 from __future__ import annotations
 
@@ -100,6 +101,15 @@ def _evaluate(rest) -> int:
     return evaluate_main(rest)
 
 
+def _verify_checkpoint(args) -> int:
+    from megatron_internvl.checkpoint.layout import verify_report
+    from megatron_internvl.config.errors import EXIT_FAULT
+
+    lines, ok = verify_report(args.path)
+    print("\n".join(lines))
+    return 0 if ok else EXIT_FAULT
+
+
 def _filter_data(rest) -> int:
     from megatron_internvl.data.quality.cli import filter_main
 
@@ -167,11 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("filter-apply", help="apply a reviewed filter-data run, write a new meta JSON",
                    add_help=False)
+    verify = sub.add_parser(
+        "verify-checkpoint", help="check a checkpoint (or every one in a save directory) against the "
+        "sizes and BLAKE2b hashes in its complete.json",
+        description="Exit code 0: every checkpoint verifies; 4: one is damaged (named, with the file).")
+    verify.add_argument("path", help="a checkpoint (iter_NNNNNNN) or a save directory")
+    verify.set_defaults(func=_verify_checkpoint)
     return parser
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Exit codes: 0 ok, 2 configuration or input (the message names the field or path), 3 `plan`:
+    the layout does not fit, 4 a fault (full disk, damaged checkpoint, I/O), 42 `train` stopped
+    after a save (requeue). `--debug` or MI_DEBUG=1 shows the traceback of an error."""
+    from megatron_internvl.config.errors import run_reporting
+
+    return run_reporting("megatron-internvl", _dispatch, list(sys.argv[1:] if argv is None else argv))
+
+
+def _dispatch(argv) -> int:
     # Subcommands with their own parsers get the rest of the line untouched.
     if argv and argv[0] == "convert":
         return _convert(argv[1:])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "CheckpointDamagedError": "layout",
     "CheckpointError": "layout",
     "COMPLETE": "layout",
     "CONVERSION_JSON": "layout",
@@ -29,11 +30,13 @@ _EXPORTS = {
     "read_info": "layout",
     "saved_model_config": "layout",
     "write_sidecars": "layout",
+    "verify_checkpoint": "layout",
     "load_component": "io",
     "load_model_checkpoint": "io",
     "save_model_checkpoint": "io",
     "CheckpointManager": "manager",
-    "verify_checkpoint": "manager",
+    "DiskFullError": "manager",
+    "verify_everywhere": "manager",
 }
 __all__ = sorted(_EXPORTS)
 

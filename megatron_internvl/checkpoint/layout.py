@@ -14,7 +14,12 @@ A training save directory (written by :class:`~.manager.CheckpointManager`)::
     SAVE/iter_0000010/                       dist_checkpointing with "model" (or "model0", ...),
                                              "optimizer", "common" (step, scheduler, layout, config),
                                              RNG and data state; model.yaml and hf/ as above;
-                                             complete.json (every file and its size), written last
+                                             complete.json (every file, its size and BLAKE2b
+                                             hash), written last
+
+:func:`verify_checkpoint` checks a checkpoint against its ``complete.json`` (``megatron-internvl
+verify-checkpoint DIR``). Checkpoints written before hashes were recorded (sizes only) still verify
+by size.
 
 This module imports no megatron code at module level: the converters' parent process reads these
 files without paying megatron's import.
@@ -22,12 +27,16 @@ files without paying megatron's import.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
+
+from megatron_internvl.config.errors import FaultError, InternVLError
 
 MODEL_YAML = "model.yaml"
 CONVERSION_JSON = "conversion.json"
@@ -41,8 +50,135 @@ _HF_SKIP = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _RESUMABLE_MODEL_FIELDS = {"spec", "recompute", "fused_loss", "vision.drop_path_rate"}
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(InternVLError, RuntimeError):
+    """A checkpoint that does not fit this run (settings, layout, data state) or is not there."""
+
+
+class CheckpointDamagedError(CheckpointError, FaultError):
+    """A checkpoint whose files do not match its ``complete.json``; the message names the file."""
+
+
+# complete.json: {"format": 2, "hash": "blake2b-128", "files": {name: {"size": n, "blake2b": hex}}};
+# format 1 (no "format" key) was {"files": {name: size}}.
+COMPLETE_FORMAT = 2
+_HASH_CHUNK = 8 << 20
+
+
+def hash_file(path: Path) -> str:
+    """BLAKE2b (128-bit digest) of a file's bytes; hashlib releases the GIL, so threads scale."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_files(paths, threads: int = 4) -> dict[Path, str]:
+    paths = list(paths)
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(paths)))) as pool:
+        return dict(zip(paths, pool.map(hash_file, paths)))
+
+
+def write_complete_marker(directory: Path, known: dict[str, str] | None = None) -> int:
+    """Write ``complete.json`` for every file under ``directory``; hashes already computed (by the
+    ranks that wrote the shards) come in ``known``, the rest are hashed here. Returns the bytes."""
+    directory = Path(directory)
+    known = known or {}
+    paths = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != COMPLETE]
+    names = {p: str(p.relative_to(directory)) for p in paths}
+    todo = hash_files([p for p in paths if names[p] not in known])
+    files = {names[p]: {"size": p.stat().st_size, "blake2b": known.get(names[p]) or todo[p]} for p in paths}
+    tmp = directory / (COMPLETE + ".tmp")
+    tmp.write_text(json.dumps({"format": COMPLETE_FORMAT, "hash": "blake2b-128", "files": files}, indent=0))
+    tmp.replace(directory / COMPLETE)
+    return sum(f["size"] for f in files.values())
+
+
+def read_complete_marker(directory: Path) -> dict[str, dict]:
+    """``{name: {"size": n, "blake2b": hex or None}}`` from either format; raises ValueError/KeyError."""
+    files = json.loads((Path(directory) / COMPLETE).read_text())["files"]
+    return {name: v if isinstance(v, dict) else {"size": int(v), "blake2b": None} for name, v in files.items()}
+
+
+def checkpoint_size(directory: Path) -> int | None:
+    """Bytes of a complete checkpoint (from its complete.json), None if unknown."""
+    try:
+        return sum(int(v["size"]) for v in read_complete_marker(directory).values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def list_checkpoints(save_dir: Path) -> list[Path]:
+    """The published checkpoints of a save directory, newest first: ``latest``'s, then by step."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = sorted((p for p in save_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")),
+                   reverse=True)
+    marker = save_dir / LATEST
+    if marker.is_file():
+        named = save_dir / marker.read_text().strip()
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+    return found
+
+
+def verify_report(path: Path) -> tuple[list[str], bool]:
+    """``megatron-internvl verify-checkpoint``: one line per checkpoint (a single checkpoint or
+    every one in a save directory), and whether all of them verify."""
+    path = Path(path)
+    if not path.exists():
+        raise InternVLError(f"{path} does not exist")
+    found = [path] if (path / COMPLETE).is_file() or (path / "metadata.json").is_file() else list_checkpoints(path)
+    if not found:
+        raise InternVLError(f"{path} holds no checkpoint (no complete.json, metadata.json or iter_* folders)")
+    lines, ok, resume = [], True, None
+    for ckpt in found:
+        if not (ckpt / COMPLETE).is_file() and (ckpt / "metadata.json").is_file():
+            lines.append(f"UNVERIFIED {ckpt}: no complete.json (a converter output or an older save): "
+                         f"nothing to check it against")
+            continue
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            resume = resume or ckpt
+            lines.append(f"OK {ckpt} ({len(read_complete_marker(ckpt))} files, "
+                         f"{checkpoint_size(ckpt) / 2**30:.2f} GiB)")
+        else:
+            ok = False
+            lines.append(f"DAMAGED {ckpt}: {problem}")
+    if len(found) > 1:
+        lines.append(f"a resume would start from {resume}" if resume else "no usable checkpoint here")
+    return lines, ok
+
+
+def verify_checkpoint(directory: Path, content: bool = True, share: tuple[int, int] = (0, 1)) -> str | None:
+    """None if the checkpoint is complete and (with ``content``) every file has its recorded hash,
+    else what is wrong with it, naming the file. ``share=(i, n)``: hash only every n-th file from
+    the i-th (each rank checks its share; sizes are always checked in full)."""
+    directory = Path(directory)
+    if not (directory / COMPLETE).is_file():
+        return "no complete.json (the save that wrote it did not finish)"
+    try:
+        files = read_complete_marker(directory)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"unreadable complete.json ({exc})"
+    for name, rec in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"missing file {name}"
+        if path.stat().st_size != rec["size"]:
+            return f"file {name} has {path.stat().st_size} bytes, {rec['size']} were written"
+    if not content:
+        return None
+    index, count = share
+    todo = {directory / name: rec["blake2b"] for i, (name, rec) in enumerate(sorted(files.items()))
+            if rec["blake2b"] and i % count == index}
+    for path, digest in hash_files(todo).items():
+        if digest != todo[path]:
+            return (f"file {path.relative_to(directory)} is damaged (its content hash differs from "
+                    f"the one recorded when it was written)")
+    return None
 
 
 def copy_hf_files(src: Path, dst: Path) -> list[str]:

@@ -1,13 +1,21 @@
 """Training checkpoints: model + optimizer + scheduler + RNG + data state, atomic, keep-last-k.
 
 ``save_dir/iter_0000010/`` directories plus a ``latest`` marker (:mod:`.layout`). A save is
-written to ``iter_N.tmp``, gets a ``complete.json`` listing every file and its size, is renamed
-and only then named by ``latest``; resume takes the newest checkpoint that verifies, so a
-requeued job whose last save was cut short continues from the one before.
+written to ``iter_N.tmp``, gets a ``complete.json`` listing every file, its size and its BLAKE2b
+hash, is renamed and only then named by ``latest``; resume takes the newest checkpoint that
+verifies (sizes and content), so a requeued job whose last save was cut short or damaged continues
+from the one before.
+
+Hashes are computed by the rank that wrote each shard right after writing it (inside the forked
+writer with ``async_save``, off the training's critical path), from files still in the page
+cache; rank 0 adds the small files when it publishes. Retention deletes old checkpoints only after
+the new one is published, and never the newest or the one ``latest`` names.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import logging
@@ -25,7 +33,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from .io import barrier, chunks_sharded_state_dict, is_rank0, load_chunks
-from .layout import COMPLETE, HF_SUBDIR, LATEST, CheckpointError, copy_hf_files, write_model_yaml
+from megatron_internvl.config.errors import FaultError
+
+from .layout import (HF_SUBDIR, LATEST, CheckpointDamagedError, CheckpointError, checkpoint_size, copy_hf_files,
+                     hash_files, list_checkpoints, verify_checkpoint, write_complete_marker, write_model_yaml)
 from .optimizer_compat import prime_optimizer_state, skip_torch_adam_step_on_load, unshare_adam_steps
 
 logger = logging.getLogger("megatron_internvl.checkpoint")
@@ -83,28 +94,72 @@ def _per_rank_objects(data_state, with_rng: bool, data_global: bool = False) -> 
     return out
 
 
-def _write_complete_marker(directory: Path) -> None:
-    files = {str(p.relative_to(directory)): p.stat().st_size
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != COMPLETE}
-    (directory / COMPLETE).write_text(json.dumps({"files": files}, indent=0))
+_HASHES = ".hashes"  # per-rank hash lists inside iter_N.tmp, merged into complete.json by rank 0
 
 
-def verify_checkpoint(directory: Path) -> str | None:
-    """None if the checkpoint is complete, else what is wrong with it."""
-    marker = directory / COMPLETE
-    if not marker.is_file():
-        return "no complete.json (the save that wrote it did not finish)"
+class DiskFullError(FaultError):
+    """No room for a checkpoint (before or during the save); the previous ones are untouched."""
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _hash_own_shards(tmp: Path, rank: int) -> None:
+    """Hash the shards this rank wrote (``__<rank>_*.distcp``) into ``.hashes/rank_<rank>.json``."""
+    mine = sorted(tmp.glob(f"__{rank}_*"))
+    digests = {str(p.relative_to(tmp)): d for p, d in hash_files(mine).items()}
+    (tmp / _HASHES).mkdir(exist_ok=True)
+    (tmp / _HASHES / f"rank_{rank}.json").write_text(json.dumps(digests))
+
+
+def _write_then_hash(write_fn, tmp: Path, rank: int, *args, **kwargs):
+    """The async writer's job: write this rank's shards, then hash them (in the forked writer)."""
+    result = write_fn(*args, **kwargs) if write_fn is not None else None
+    _hash_own_shards(tmp, rank)
+    return result
+
+
+def _collect_hashes(tmp: Path) -> dict[str, str]:
+    known = {}
+    folder = tmp / _HASHES
+    for part in sorted(folder.glob("rank_*.json")) if folder.is_dir() else []:
+        known.update(json.loads(part.read_text()))
+    shutil.rmtree(folder, ignore_errors=True)
+    return known
+
+
+def _is_disk_full(exc: BaseException, where: Path) -> bool:
+    """ENOSPC anywhere in the exception chain, or a write error with (almost) no space left
+    (torch's zip writer reports ENOSPC as ``RuntimeError: ... unexpected pos``)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as exc:
-        return f"unreadable complete.json ({exc})"
-    for name, size in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"missing file {name}"
-        if path.stat().st_size != size:
-            return f"file {name} has {path.stat().st_size} bytes, {size} were written"
-    return None
+        return shutil.disk_usage(where).free < (64 << 20)
+    except OSError:
+        return False
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def verify_everywhere(path: Path) -> str | None:
+    """:func:`verify_checkpoint` with the hashing split over the ranks; all ranks get the verdict."""
+    rank, world = _rank_world()
+    problem = verify_checkpoint(path, share=(rank, world))
+    if world == 1:
+        return problem
+    problems = [None] * world
+    torch.distributed.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)
 
 
 class CheckpointManager:
@@ -120,6 +175,7 @@ class CheckpointManager:
         # from, carried into every save so that `convert export` restores them; afterwards taken
         # from the newest save (the starting checkpoint may be rotated away).
         self.hf_files = hf_files if hf_files is not None and Path(hf_files).is_dir() else None
+        self._in_flight: Path | None = None
 
     @staticmethod
     def name(step: int) -> str:
@@ -127,24 +183,28 @@ class CheckpointManager:
 
     def candidates(self) -> list[Path]:
         """Checkpoints newest first: the ``latest`` marker's, then the others by step."""
-        if not self.dir.is_dir():
-            return []
-        found = sorted((p for p in self.dir.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")),
-                       reverse=True)
-        marker = self.dir / LATEST
-        if marker.is_file():
-            named = self.dir / marker.read_text().strip()
-            if named in found:
-                found.remove(named)
-                found.insert(0, named)
-        return found
+        return list_checkpoints(self.dir)
 
-    def latest_valid(self) -> Path | None:
+    def latest_valid(self, strict: bool = False) -> Path | None:
+        """The newest checkpoint whose files match its complete.json (sizes and hashes, each rank
+        hashing its share of the files). A damaged one is named and the previous one used; with
+        ``strict`` (a checkpoint given explicitly) a damaged newest one is an error."""
         for path in self.candidates():
-            problem = verify_checkpoint(path)
+            problem = verify_everywhere(path)
             if problem is None:
                 return path
-            logger.warning("checkpoint %s is unusable (%s); trying the previous one", path, problem)
+            if strict:
+                raise CheckpointDamagedError(
+                    f"checkpoint {path} is unusable: {problem}. Give another checkpoint (an older "
+                    f"iter_* directory) or run `megatron-internvl verify-checkpoint {path.parent}`")
+            if _rank_world()[0] == 0:
+                logger.warning("checkpoint %s is unusable (%s); using the previous complete checkpoint",
+                               path, problem)
+        if self.candidates():
+            # Starting over would silently lose the run's progress (and rotate the evidence away).
+            raise CheckpointDamagedError(
+                f"no usable checkpoint in {self.dir}: every one is damaged (the warnings above name "
+                f"the files). Restore one, or move them away to start from the beginning")
         return None
 
     def save(self, step: int, chunks, optimizer, scheduler, *, data_state=None, common=None,
@@ -160,6 +220,7 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
+        self._check_free_space(chunks, tmp)
         state = chunks_sharded_state_dict(chunks)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=_OPTIM_METADATA)
         state.update(_per_rank_objects(data_state, with_rng=True, data_global=data_global))
@@ -168,16 +229,76 @@ class CheckpointManager:
                            **(common or {})}
         model_cfg = (common or {}).get("config", {}).get("model")
         publish = functools.partial(self._publish, tmp, target, model_cfg, time.monotonic())
+        rank = _rank_world()[0]
         if not self.async_save:
-            dist_checkpointing.save(state, str(tmp))
-            barrier()
-            publish()
+            with self._disk_full_reported(tmp):
+                dist_checkpointing.save(state, str(tmp))
+                _hash_own_shards(tmp, rank)  # from the page cache: see docs/training.md for the cost
+                barrier()
+                publish()
             barrier()
             return target
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        with self._disk_full_reported(tmp):
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        request = request._replace(
+            async_fn=functools.partial(_write_then_hash, request.async_fn, tmp, rank))
         request.add_finalize_fn(publish)
+        self._in_flight = tmp
         self._queue().schedule_async_request(request)
         return target
+
+    def _expected_size(self, chunks) -> tuple[int, str]:
+        """Bytes the next save needs: the previous checkpoint's size, else an estimate from the
+        parameter count (weights in their dtype + fp32 main weights and two Adam moments)."""
+        for path in self.candidates():
+            size = checkpoint_size(path)
+            if size:
+                return size, f"the size of {path.name}"
+        params = [p for c in chunks for p in c.parameters()]
+        local = torch.tensor([float(sum(p.numel() * (p.element_size() + 12) for p in params))])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(local)  # every rank's shards; DP replicas count once
+            local /= ps.get_data_parallel_world_size()
+        return int(local.item()), "an estimate from the parameter count"
+
+    def _check_free_space(self, chunks, tmp: Path) -> None:
+        """Stop before writing if the destination cannot hold the checkpoint (every rank agrees)."""
+        expected, basis = self._expected_size(chunks)
+        free = shutil.disk_usage(tmp).free
+        short = torch.tensor([1.0 if free < expected else 0.0])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
+        if not short.item():
+            return
+        message = (f"{self.dir} has {_gib(free)} free but the checkpoint needs about {_gib(expected)} "
+                   f"({basis})")
+        if basis.startswith("an estimate"):  # an upper bound (frozen weights have no Adam state)
+            if is_rank0():
+                logger.warning("%s; saving anyway", message)
+            return
+        if is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskFullError(f"{message}: free space there (or lower checkpoint.keep_last); "
+                            f"the previous checkpoints are untouched")
+
+    @contextlib.contextmanager
+    def _disk_full_reported(self, tmp: Path):
+        """ENOSPC while writing: remove the partial folder, say so (the previous checkpoints and
+        ``latest`` are untouched)."""
+        try:
+            yield
+        except Exception as exc:
+            if not _is_disk_full(exc, self.dir):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DiskFullError(
+                f"no space left on device while writing checkpoint {tmp.name} in {self.dir}: the "
+                f"partial folder was removed and the previous checkpoints are untouched; free space "
+                f"and restart the same command to resume from {self._newest_name()}") from exc
+
+    def _newest_name(self) -> str:
+        marker = self.dir / LATEST
+        return marker.read_text().strip() if marker.is_file() else "the beginning (no checkpoint yet)"
 
     def _publish(self, tmp: Path, target: Path, model_cfg: dict | None, started: float) -> None:
         """Rank 0, after every rank's files are on disk: sidecar, complete.json, rename, latest."""
@@ -188,7 +309,7 @@ class CheckpointManager:
             write_model_yaml(tmp, model_cfg)
         if self.hf_files is not None:
             copy_hf_files(self.hf_files, tmp / HF_SUBDIR)
-        _write_complete_marker(tmp)
+        write_complete_marker(tmp, _collect_hashes(tmp))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -197,10 +318,18 @@ class CheckpointManager:
         marker_tmp = self.dir / (LATEST + ".tmp")
         marker_tmp.write_text(target.name)
         os.replace(marker_tmp, self.dir / LATEST)
-        for old in self.candidates()[self.keep_last:]:
-            shutil.rmtree(old, ignore_errors=True)
+        self._retire_old(target)
         logger.info("checkpoint %s complete (%.1f s after the save began)", target,
                     time.monotonic() - started)
+
+    def _retire_old(self, newest: Path) -> None:
+        """Delete all but the newest ``keep_last`` (at least 1), only after ``newest`` is published;
+        never ``newest`` nor the one ``latest`` names."""
+        marker = self.dir / LATEST
+        keep = {newest, self.dir / marker.read_text().strip()} if marker.is_file() else {newest}
+        for old in self.candidates()[max(1, self.keep_last):]:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
 
     # Asynchronous saves. Each call below is a collective: every rank calls it at the same point.
     def _queue(self):
@@ -217,12 +346,14 @@ class CheckpointManager:
     def poll(self) -> None:
         """Publish a background save if every rank has finished writing it (once per step)."""
         if self.pending:
-            self._async_queue.maybe_finalize_async_calls(blocking=False)
+            with self._disk_full_reported(self._in_flight):
+                self._async_queue.maybe_finalize_async_calls(blocking=False)
 
     def wait(self) -> None:
         """Block until a background save is written and published."""
         if self.pending:
-            self._async_queue.maybe_finalize_async_calls(blocking=True)
+            with self._disk_full_reported(self._in_flight):
+                self._async_queue.maybe_finalize_async_calls(blocking=True)
 
     def abort(self) -> None:
         """Kill a background writer without publishing (after an error on some ranks, when

@@ -11,7 +11,9 @@ TP splitting and PP placement are not here: :mod:`megatron_internvl.parallel.sha
 full tensors in and out of any layout from megatron's own sharding metadata.
 """
 
+from megatron_internvl.config.errors import InternVLError
 
-class ConversionError(ValueError):
+
+class ConversionError(InternVLError, ValueError):
     """A user-caused conversion problem (input checkpoint, layout, paths); the message names the
     tensor, file or field and what to do."""

@@ -18,12 +18,13 @@ from typing import Optional
 import numpy as np
 
 from megatron_internvl.config.data import DatasetSpec
+from megatron_internvl.config.errors import InternVLError
 
 _META_KEYS = {"root", "annotation", "data_augment", "max_dynamic_patch", "min_dynamic_patch",
               "repeat_time", "length", "kind", "template", "text_field"}
 
 
-class SourceError(ValueError):
+class SourceError(InternVLError, ValueError):
     pass
 
 

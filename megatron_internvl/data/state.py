@@ -7,17 +7,20 @@ import logging
 from dataclasses import dataclass, field
 
 from megatron_internvl.config.data import DataConfig
+from megatron_internvl.config.errors import InternVLError
 
 from .samples import Skip
 
 logger = logging.getLogger("megatron_internvl.data")
 
 
-class DataSkipRatioError(RuntimeError):
-    """Too large a share of the samples read so far were skipped."""
+class DataSkipRatioError(InternVLError, RuntimeError):
+    """Too large a share of the samples read so far were skipped (met by one data reader)."""
+
+    every_rank = False
 
 
-class DataResumeError(RuntimeError):
+class DataResumeError(InternVLError, RuntimeError):
     """A checkpointed data state cannot be restored onto this configuration or data."""
 
 

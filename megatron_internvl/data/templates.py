@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_internvl.config.errors import InternVLError
+
 from .tokenizer import Tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -26,7 +28,7 @@ _INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上�
 _INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 
 
-class TemplateError(ValueError):
+class TemplateError(InternVLError, ValueError):
     """A sample the template cannot render; `reason` is the skip reason."""
 
     def __init__(self, reason: str, message: str):

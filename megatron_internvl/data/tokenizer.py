@@ -17,6 +17,8 @@ import os
 import re
 from typing import Iterable, Optional, Sequence
 
+from megatron_internvl.config.errors import InternVLError
+
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -27,7 +29,7 @@ CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 REQUIRED_SPECIAL_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT) + GROUNDING_TOKENS + CHATML_TOKENS
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InternVLError, ValueError):
     pass
 
 

@@ -10,6 +10,7 @@ import time
 import torch
 from megatron.core import parallel_state as ps
 
+from megatron_internvl.config.errors import InternVLError
 from .metrics import MetricsLogger
 from .profiling import StepProfiler
 from .records import step_record
@@ -18,7 +19,7 @@ from .signals import EXIT_REQUEUE, StopRequest
 from .step import StepResult, train_step
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(InternVLError, RuntimeError):
     """Training cannot go on (non-finite steps in a row); the message says what to do."""
 
 

@@ -75,8 +75,13 @@ def find_checkpoint(config: Config, save_dir: Path) -> tuple[Path | None, bool]:
     if own is not None or not config.checkpoint.load:
         return own, own is not None
     load_dir = Path(config.checkpoint.load)
-    source = ckpt.CheckpointManager(load_dir).latest_valid() if load_dir.exists() else None
+    # Given explicitly: a damaged checkpoint there stops the run (naming the file), no fallback.
+    source = ckpt.CheckpointManager(load_dir).latest_valid(strict=True) if load_dir.exists() else None
     if source is None and (load_dir / "metadata.json").is_file():
+        if (load_dir / ckpt.COMPLETE).is_file():
+            problem = ckpt.verify_everywhere(load_dir)
+            if problem is not None:
+                raise ckpt.CheckpointDamagedError(f"checkpoint.load={load_dir} is unusable: {problem}")
         source = load_dir
     if source is None:
         raise ckpt.CheckpointError(f"checkpoint.load={load_dir}: no usable checkpoint there")

@@ -30,6 +30,7 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_internvl import checkpoint as ckpt
 from megatron_internvl.config import ConfigError, load_config
+from megatron_internvl.config.errors import run_reporting
 from megatron_internvl.data.build import build_tokenizer, check_data_matches_model
 from megatron_internvl.data.media import MediaLoader
 from megatron_internvl.data.packing import TwoBudgetPacker, collate_pack
@@ -350,13 +351,12 @@ def main(argv=None) -> int:
         print("usage: megatron-internvl mpo-reference RECIPE.yaml [section.key=value ...]")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        config = load_config(argv[0], argv[1:])
-        precompute(config)
-    except (ConfigError, ckpt.CheckpointError) as exc:
-        print(f"megatron-internvl mpo-reference: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    def run(args):
+        precompute(load_config(args[0], args[1:]))
+        return 0
+
+    return run_reporting("megatron-internvl mpo-reference", run, argv)
 
 
 if __name__ == "__main__":
