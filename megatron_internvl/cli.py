@@ -110,15 +110,6 @@ def _verify_checkpoint(args) -> int:
     return 0 if ok else EXIT_FAULT
 
 
-def _verify_checkpoint(args) -> int:
-    from megatron_internvl.checkpoint.layout import verify_report
-    from megatron_internvl.config.errors import EXIT_FAULT
-
-    lines, ok = verify_report(args.path)
-    print("\n".join(lines))
-    return 0 if ok else EXIT_FAULT
-
-
 def _filter_data(rest) -> int:
     from megatron_internvl.data.quality.cli import filter_main
 
@@ -186,12 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("filter-apply", help="apply a reviewed filter-data run, write a new meta JSON",
                    add_help=False)
-    verify = sub.add_parser(
-        "verify-checkpoint", help="check a checkpoint (or every one in a save directory) against the "
-        "sizes and BLAKE2b hashes in its complete.json",
-        description="Exit code 0: every checkpoint verifies; 4: one is damaged (named, with the file).")
-    verify.add_argument("path", help="a checkpoint (iter_NNNNNNN) or a save directory")
-    verify.set_defaults(func=_verify_checkpoint)
     verify = sub.add_parser(
         "verify-checkpoint", help="check a checkpoint (or every one in a save directory) against the "
         "sizes and BLAKE2b hashes in its complete.json",

@@ -328,16 +328,6 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"training.{name}={value} must be > 0 (or unset)")
-        if not self.clip_grad >= 0:
-            raise ConfigError(f"training.clip_grad={self.clip_grad} must be >= 0 (0: no clipping)")
-        if self.max_nonfinite_in_row < 1:
-            raise ConfigError(f"training.max_nonfinite_in_row={self.max_nonfinite_in_row} must be >= 1")
-        if not self.loss_spike_factor > 1:
-            raise ConfigError(f"training.loss_spike_factor={self.loss_spike_factor} must be > 1")
-        for name in ("exit_interval", "time_limit_minutes", "peak_tflops"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"training.{name}={value} must be > 0 (or unset)")
         if self.micro_batch_size != 1:
             raise ConfigError(
                 f"training.micro_batch_size={self.micro_batch_size}: a micro-batch is one packed "
@@ -371,22 +361,8 @@ class OptimizerConfig:
             )
         if not self.lr >= 0 or not self.min_lr >= 0:
             raise ConfigError(f"optimizer.lr={self.lr}, optimizer.min_lr={self.min_lr}: learning rates must be >= 0")
-        if not self.lr >= 0 or not self.min_lr >= 0:
-            raise ConfigError(f"optimizer.lr={self.lr}, optimizer.min_lr={self.min_lr}: learning rates must be >= 0")
         if self.min_lr > self.lr:
             raise ConfigError(f"optimizer.min_lr={self.min_lr} is above optimizer.lr={self.lr}")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"optimizer.{name}={getattr(self, name)} must be in [0, 1) (e.g. 0.9, 0.999)")
-        if not self.adam_eps > 0:
-            raise ConfigError(f"optimizer.adam_eps={self.adam_eps} must be > 0 (e.g. 1e-8)")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} must be >= 0")
-        for component in ("vision", "projector", "language"):
-            if not getattr(self.lr_mult, component) >= 0:
-                raise ConfigError(f"optimizer.lr_mult.{component}={getattr(self.lr_mult, component)} must be >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"optimizer.{name}={getattr(self, name)} must be in [0, 1) (e.g. 0.9, 0.999)")
@@ -411,15 +387,6 @@ class CheckpointConfig:
     async_save: bool = False
     init_language: Optional[str] = None  # component-wise initialisation
     init_vision: Optional[str] = None  # ViT + projector
-
-    def validate(self) -> None:
-        if self.keep_last < 1:
-            raise ConfigError(
-                f"checkpoint.keep_last={self.keep_last} must be >= 1: the newest checkpoint is "
-                f"always kept (it is what a restart resumes from)")
-        if self.save_interval is not None and self.save_interval < 1:
-            raise ConfigError(f"checkpoint.save_interval={self.save_interval} must be >= 1 (or unset: "
-                              f"save at the end and on stops only)")
 
     def validate(self) -> None:
         if self.keep_last < 1:
@@ -530,7 +497,6 @@ class Config:
         self.parallel.validate(self.model)
         self.training.validate()
         self.optimizer.validate()
-        self.checkpoint.validate()
         self.checkpoint.validate()
         self.evaluation.validate()
         self.logging.validate()

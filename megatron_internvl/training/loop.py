@@ -11,7 +11,6 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_internvl.config.errors import InternVLError
-from megatron_internvl.config.errors import InternVLError
 from .metrics import MetricsLogger
 from .profiling import StepProfiler
 from .records import step_record

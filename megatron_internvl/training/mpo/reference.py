@@ -31,7 +31,6 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron_internvl import checkpoint as ckpt
 from megatron_internvl.config import ConfigError, load_config
 from megatron_internvl.config.errors import run_reporting
-from megatron_internvl.config.errors import run_reporting
 from megatron_internvl.data.build import build_tokenizer, check_data_matches_model
 from megatron_internvl.data.media import MediaLoader
 from megatron_internvl.data.packing import TwoBudgetPacker, collate_pack
