@@ -100,6 +100,12 @@ class ModelConfig:
     def validate(self) -> None:
         if self.vision.norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"model.vision.norm={self.vision.norm!r}: use 'layernorm' or 'rmsnorm'")
+        if self.language.arch in ("gpt_oss", "gpt-oss"):
+            raise ConfigError(
+                "model.language.arch=gpt_oss (InternVL3.5-GPT-OSS) is not supported: it needs "
+                "attention sinks, a 128-token sliding window on alternate layers, YaRN rope, "
+                "clamped SwiGLU with biases, a biased router and the Harmony template"
+            )
         if self.language.arch not in LANGUAGE_ARCHS:
             raise ConfigError(
                 f"model.language.arch={self.language.arch!r}: use one of {', '.join(LANGUAGE_ARCHS)}"

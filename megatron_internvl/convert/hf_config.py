@@ -39,6 +39,20 @@ _REMOTE_ARCHS = {
 _TEXT_MODEL_TYPES = ("qwen2", "llama", "internlm3", "qwen3", "qwen3_moe")
 _NORMS = {"layer_norm": "layernorm", "rms_norm": "rmsnorm"}
 
+GPT_OSS_REFUSAL = (
+    "{field}={value!r}: InternVL3.5-GPT-OSS (gpt-oss-20b LLM) is not supported. It needs what the "
+    "project's model does not have: one learnable attention-sink logit per head, a 128-token "
+    "sliding window on every other layer, YaRN rope, q/k/v/o and expert biases, a router with "
+    "bias (top-k of the logits, then softmax), clamped SwiGLU on interleaved gate/up columns, "
+    "and the Harmony chat template (assistant turns ending in <|return|> on the last turn, "
+    "<|end|> otherwise). Use a Qwen3 or Qwen3-MoE InternVL3.5 instead"
+)
+
+
+def _refuse_gpt_oss(field: str, value) -> None:
+    if value is not None and "gpt_oss" in str(value).lower().replace("-", "_").replace("gptoss", "gpt_oss"):
+        raise ConversionError("config.json: " + GPT_OSS_REFUSAL.format(field=field, value=value))
+
 
 @dataclass
 class HFModel:
@@ -256,6 +270,7 @@ def _parse_transformers(cfg):
     tc = _get(cfg, "text_config", "config", required=True)
     vc = _get(cfg, "vision_config", "config", required=True)
     text_type = tc.get("model_type", "qwen2")
+    _refuse_gpt_oss("text_config.model_type", text_type)
     _require(text_type in _TEXT_MODEL_TYPES, "text_config.model_type", text_type, " or ".join(_TEXT_MODEL_TYPES))
     for field, want in (("vision_feature_layer", -1), ("vision_feature_select_strategy", "default"),
                         ("projector_hidden_act", "gelu")):
@@ -277,6 +292,7 @@ def _parse_remote(cfg, hf_dir, image_token_id):
     lc = _get(cfg, "llm_config", "config", required=True)
     vc = _get(cfg, "vision_config", "config", required=True)
     archs = lc.get("architectures") or [None]
+    _refuse_gpt_oss("llm_config.architectures[0]", archs[0])
     _require(archs[0] in _REMOTE_ARCHS, "llm_config.architectures[0]", archs[0], " or ".join(_REMOTE_ARCHS))
     _require(cfg.get("select_layer", -1) == -1, "select_layer", cfg.get("select_layer"), "-1")
     ps = cfg.get("ps_version", "v1")

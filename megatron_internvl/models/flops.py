@@ -30,7 +30,13 @@ def llm_forward_flops(lang, sample_lengths) -> float:
     q = lang.num_heads * lang.kv_channels  # the query width (Qwen3: not the hidden size)
     kv = lang.num_kv_heads * lang.kv_channels
     tokens = float(sum(sample_lengths))
-    per_token_layer = 2 * (h * (q + 2 * kv) + q * h) + 2 * 3 * h * lang.ffn_hidden_size
+    if getattr(lang, "num_experts", 0):
+        # MoE: the router, then only the top-k experts each token is sent to (MFU of an MoE is
+        # over its active parameters).
+        mlp = 2 * h * lang.num_experts + lang.moe_top_k * 2 * 3 * h * lang.moe_ffn_hidden_size
+    else:
+        mlp = 2 * 3 * h * lang.ffn_hidden_size
+    per_token_layer = 2 * (h * (q + 2 * kv) + q * h) + mlp
     attention = sum(2.0 * q * L * L for L in sample_lengths)  # causal: half of 4*L^2*q
     logits = 2 * tokens * h * lang.vocab_size
     return layers * (tokens * per_token_layer + attention) + logits

@@ -61,7 +61,14 @@ def llm_layer_activation_bytes(lang, tokens: int, tp: int, sp: bool) -> float:
     q = lang.num_heads * lang.kv_channels  # Qwen3: the query width is not the hidden size
     kv = lang.num_kv_heads * lang.kv_channels
     outside_tp = 4 * h / (tp if sp else 1)
-    inside_tp = (q + 2 * kv + q + 3 * f) / tp
+    if getattr(lang, "num_experts", 0):
+        # MoE: each token is dispatched to k experts: the all-to-all send and receive buffers
+        # (k h each), the experts' fc1 input (k h), SwiGLU input and output (3 k f_e).
+        k = lang.moe_top_k
+        mlp = k * (3 * h + 3 * lang.moe_ffn_hidden_size)
+    else:
+        mlp = 3 * f
+    inside_tp = (q + 2 * kv + q + mlp) / tp
     return tokens * (outside_tp + inside_tp) * ACT_BYTES
 
 
@@ -176,13 +183,17 @@ def _param_bytes(precision: str) -> int:
 
 
 def static_bytes(params: StageParams, precision: str, distributed_optimizer: bool,
-                 dp_cp: int) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer state) in bytes for one rank."""
+                 dp_cp: int, expert_dp: int | None = None) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) in bytes for one rank. MoE experts (already split
+    over EP in ``params``) have their optimizer state sharded over the expert-data-parallel
+    group (``expert_dp`` = TP x DP x CP / EP ranks), the rest over DP x CP."""
     weights = params.total * _param_bytes(precision)
     gradients = params.trainable * 4  # fp32 grad buffer (grad_reduce_in_fp32)
     per_param = 8 + (0 if precision == "fp32" else 4)  # Adam m, v (+ fp32 master weights)
     shards = dp_cp if distributed_optimizer else 1
-    optimizer = params.trainable * per_param / shards
+    expert_shards = (expert_dp or dp_cp) if distributed_optimizer else 1
+    dense = params.trainable - params.expert_trainable
+    optimizer = dense * per_param / shards + params.expert_trainable * per_param / expert_shards
     return weights, gradients, optimizer
 
 
@@ -212,7 +223,8 @@ def stage_memory(config, world_size: int, hardware: Hardware) -> list[StageMemor
     out = []
     for params in stage_params(model, p, t):
         s = params.stage
-        weights, grads, opt = static_bytes(params, t.precision, p.distributed_optimizer, dp * cp)
+        expert_dp = max(1, tp * dp * cp // getattr(p, "expert_parallel", 1))
+        weights, grads, opt = static_bytes(params, t.precision, p.distributed_optimizer, dp * cp, expert_dp)
         n_llm, n_vit = in_flight(s, pp, vpp, microbatches)
         lang = model.language
         llm = 0.0

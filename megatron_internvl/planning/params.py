@@ -20,9 +20,25 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def llm_layer_params(lang, tp: int) -> int:
+def llm_layer_expert_params(lang, ep: int = 1) -> int:
+    """One MoE layer's experts on one rank: num_experts / EP SwiGLU MLPs (expert tensor
+    parallelism 1: not split over TP). 0 for a dense LLM."""
+    if not getattr(lang, "num_experts", 0):
+        return 0
+    return (lang.num_experts // ep) * 3 * lang.hidden_size * lang.moe_ffn_hidden_size
+
+
+def llm_layer_params(lang, tp: int, ep: int | None = None) -> int:
     """One decoder layer on one TP rank: two RMSNorms, QKV (+bias), q/k norms (Qwen3),
-    projection, SwiGLU MLP."""
+    projection, SwiGLU MLP (MoE: the router, plus the experts when ``ep`` is given)."""
+    if getattr(lang, "num_experts", 0):
+        h = lang.hidden_size
+        head_dim = lang.kv_channels
+        qkv_rows = (lang.num_heads + 2 * lang.num_kv_heads) * head_dim // tp
+        n = 2 * h + (2 * head_dim if lang.qk_norm else 0)
+        n += qkv_rows * h + (qkv_rows if lang.qkv_bias else 0) + h * (lang.num_heads * head_dim // tp)
+        n += lang.num_experts * h  # the router, replicated
+        return n + (llm_layer_expert_params(lang, ep) if ep else 0)
     h, f = lang.hidden_size, lang.ffn_hidden_size
     head_dim = lang.kv_channels
     qkv_rows = (lang.num_heads + 2 * lang.num_kv_heads) * head_dim // tp
@@ -85,6 +101,8 @@ class StageParams:
     trainable: int
     frozen: int
     by_component: dict  # name -> (trainable, frozen)
+    # Of ``trainable``: MoE expert parameters (optimizer state sharded over expert-data-parallel).
+    expert_trainable: int = 0
 
     @property
     def total(self) -> int:
@@ -102,6 +120,9 @@ def stage_params(model, parallel, training) -> list[StageParams]:
     for stage, n_layers in enumerate(layers):
         parts: dict[str, tuple[int, bool]] = {}
         parts["llm_layers"] = (n_layers * llm_layer_params(lang, tp), flags["language"])
+        if getattr(lang, "num_experts", 0):
+            ep = getattr(parallel, "expert_parallel", 1)
+            parts["llm_experts"] = (n_layers * llm_layer_expert_params(lang, ep), flags["language"])
         if stage == 0:
             parts["embedding"] = (vocab_rows(model, tp) * lang.hidden_size, flags["language"])
             parts["projector"] = (projector_params(model, tp), flags["projector"])
@@ -120,7 +141,9 @@ def stage_params(model, parallel, training) -> list[StageParams]:
         trainable = sum(n for n, frozen in parts.values() if not frozen)
         frozen = sum(n for n, frozen in parts.values() if frozen)
         by_component = {name: ((0, n) if fr else (n, 0)) for name, (n, fr) in parts.items()}
-        out.append(StageParams(stage, n_layers, trainable, frozen, by_component))
+        experts, experts_frozen = parts.get("llm_experts", (0, True))
+        out.append(StageParams(stage, n_layers, trainable, frozen, by_component,
+                               expert_trainable=0 if experts_frozen else experts))
     return out
 
 
@@ -129,7 +152,17 @@ def total_params(model) -> int:
     lang, vis = model.language, model.vision
     h = lang.hidden_size
     return (
-        lang.num_layers * llm_layer_params(lang, 1) + h + 2 * lang.vocab_size * h
+        lang.num_layers * llm_layer_params(lang, 1, ep=1) + h + 2 * lang.vocab_size * h
         + vit_embedding_params(vis) + vis.num_layers * vit_layer_params(vis, 1)
         + projector_params(model, 1)
     )
+
+
+def active_params(model) -> int:
+    """Parameters one token goes through (MoE: top-k of the experts); = total_params if dense."""
+    lang = model.language
+    if not getattr(lang, "num_experts", 0):
+        return total_params(model)
+    inactive = (lang.num_experts - lang.moe_top_k) * 3 * lang.hidden_size * lang.moe_ffn_hidden_size
+    return total_params(model) - lang.num_layers * inactive
+

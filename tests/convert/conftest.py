@@ -29,6 +29,10 @@ class TinyCheckpoints:
         self._add("qwen3", "qwen3", models.VIT_300M, seed=5)
         self.dirs["qwen3-remote"] = root / "qwen3-remote"
         models.write_remote_qwen3(self.dirs["qwen3"], self.dirs["qwen3-remote"], self.models["qwen3"])
+        # Qwen3-MoE (InternVL3.5-30B-A3B's kind): 4 experts, top-2, in both layouts.
+        self._add("qwen3-moe", "qwen3_moe", models.VIT_300M, seed=6)
+        self.dirs["qwen3-moe-remote"] = root / "qwen3-moe-remote"
+        models.write_remote_qwen3(self.dirs["qwen3-moe"], self.dirs["qwen3-moe-remote"], self.models["qwen3-moe"])
 
     def _add(self, name, text_type, vision, seed):
         path = self.root / name

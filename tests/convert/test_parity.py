@@ -42,8 +42,11 @@ def parity(tiny, tmp_path_factory):
     job("internlm3-remote", "internlm3-remote", (1, 2, None), [(2, 1)])
     job("qwen3", "qwen3", (2, 1, None), [(2, 1), (1, 2)])
     job("qwen3-remote", "qwen3-remote", (1, 2, None), [(2, 1), (2, 2)])
+    # Qwen3-MoE: experts split over EP ranks on import, resharded on load (EP=2 -> EP=1, TP=2 x EP=2).
+    job("qwen3-moe", "qwen3-moe", (1, 1, None, 2), [(1, 1, 2), (2, 1, 2), (1, 1, 1)])
+    job("qwen3-moe-remote", "qwen3-moe-remote", (2, 1, None, 2), [(1, 2, 2), (2, 1, 1)])
     results = {}
-    for rank_result in run_ranks(import_and_forward, 4, jobs, tiny.batches, timeout=400):
+    for rank_result in run_ranks(import_and_forward, 4, jobs, tiny.batches, timeout=800):
         results.update(rank_result)
     return results
 
@@ -100,3 +103,16 @@ def test_qwen3_matches_transformers_in_both_formats(parity, tiny):
     _check(parity[("qwen3", "TP=1 PP=2")], ref, "Qwen3 saved at TP=2, loaded at PP=2")
     _check(parity[("qwen3-remote", "TP=2 PP=1")], ref, "remote-code Qwen3 saved at PP=2, loaded at TP=2")
     _check(parity[("qwen3-remote", "TP=2 PP=2")], ref, "remote-code Qwen3 saved at PP=2, loaded at TP=2 x PP=2")
+
+
+def test_qwen3_moe_matches_transformers_at_ep2(parity, tiny):
+    """InternVL3.5's MoE LLM through megatron's MoELayer (4 experts, top-2 renormalised, all-to-all
+    dispatcher, sequential local experts): transformers' Qwen3-MoE is the reference, both layouts,
+    at EP=2, EP=2 x TP=2, EP=2 x PP=2, and EP=2 checkpoints loaded at EP=1."""
+    ref = tiny.refs["qwen3-moe"]
+    _check(parity[("qwen3-moe", "TP=1 PP=1 EP=2")], ref, "Qwen3-MoE at EP=2")
+    _check(parity[("qwen3-moe", "TP=2 PP=1 EP=2")], ref, "Qwen3-MoE saved at EP=2, loaded at TP=2 x EP=2")
+    _check(parity[("qwen3-moe", "TP=1 PP=1")], ref, "Qwen3-MoE saved at EP=2, loaded at EP=1")
+    remote = "remote-code Qwen3-MoE saved at TP=2 x EP=2"
+    _check(parity[("qwen3-moe-remote", "TP=1 PP=2 EP=2")], ref, remote + ", loaded at PP=2 x EP=2")
+    _check(parity[("qwen3-moe-remote", "TP=2 PP=1")], ref, remote + ", loaded at TP=2")
