@@ -34,6 +34,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 
 from .io import barrier, chunks_sharded_state_dict, is_rank0, load_chunks
 from megatron_internvl.config.errors import FaultError
+from megatron_internvl.parallel.distributed import compute_device
 
 from .layout import (HF_SUBDIR, LATEST, CheckpointDamagedError, CheckpointError, checkpoint_size, copy_hf_files,
                      hash_files, list_checkpoints, verify_checkpoint, write_complete_marker, write_model_yaml)
@@ -255,7 +256,8 @@ class CheckpointManager:
             if size:
                 return size, f"the size of {path.name}"
         params = [p for c in chunks for p in c.parameters()]
-        local = torch.tensor([float(sum(p.numel() * (p.element_size() + 12) for p in params))])
+        local = torch.tensor([float(sum(p.numel() * (p.element_size() + 12) for p in params))],
+                             dtype=torch.float64, device=compute_device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(local)  # every rank's shards; DP replicas count once
             local /= ps.get_data_parallel_world_size()
@@ -265,7 +267,7 @@ class CheckpointManager:
         """Stop before writing if the destination cannot hold the checkpoint (every rank agrees)."""
         expected, basis = self._expected_size(chunks)
         free = shutil.disk_usage(tmp).free
-        short = torch.tensor([1.0 if free < expected else 0.0])
+        short = torch.tensor([1.0 if free < expected else 0.0], device=compute_device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
         if not short.item():
