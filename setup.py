@@ -48,7 +48,9 @@ setup(
             "nvidia-dali-cuda130",
             # Triton kernels (kernels/) are tested on CPU under TRITON_INTERPRET=1.
             "triton",
+            "wandb",
         ],
+        "wandb": ["wandb"],
         "dev": ["pytest", "pytest-timeout", "transformers>=5", "matplotlib", "tensorboard"],
     },
     entry_points={"console_scripts": ["megatron-internvl=megatron_internvl.cli:main"]},

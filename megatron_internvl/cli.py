@@ -110,6 +110,12 @@ def _verify_checkpoint(args) -> int:
     return 0 if ok else EXIT_FAULT
 
 
+def _generate(rest) -> int:
+    from megatron_internvl.training.generate import main as generate_main
+
+    return generate_main(rest)
+
+
 def _filter_data(rest) -> int:
     from megatron_internvl.data.quality.cli import filter_main
 
@@ -173,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("evaluate", help="validation loss of a checkpoint (RECIPE.yaml checkpoint.load=DIR "
                    "evaluation.meta_path=META [overrides]; torchrun for several processes)", add_help=False)
+    sub.add_parser("generate", help="greedy answer of a checkpoint to a prompt with images (CHECKPOINT "
+                   "--image PATH --prompt TEXT; torchrun N processes for TP=N)", add_help=False)
     sub.add_parser("filter-data", help="flag anomalous samples of a mixture for review (see `filter-data --help`)",
                    add_help=False)
     sub.add_parser("filter-apply", help="apply a reviewed filter-data run, write a new meta JSON",
@@ -209,6 +217,8 @@ def _dispatch(argv) -> int:
         return _mpo_reference(argv[1:])
     if argv and argv[0] == "evaluate":
         return _evaluate(argv[1:])
+    if argv and argv[0] == "generate":
+        return _generate(argv[1:])
     if argv and argv[0] == "filter-apply":
         return _filter_apply(argv[1:])
     args = build_parser().parse_args(argv)

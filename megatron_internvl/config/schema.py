@@ -459,6 +459,9 @@ class EvaluationConfig:
     interval: int = 0              # evaluate every N steps; 0: never during training
     iters: Optional[int] = None    # packs per evaluation; None: the whole set
     initial: bool = False          # also evaluate before the first step
+    # jsonl of {"image": PATH or [PATHS], "prompt": TEXT}: greedy answers logged at each evaluation
+    samples: Optional[str] = None
+    max_new_tokens: int = 32
 
     def validate(self) -> None:
         if not isinstance(self.interval, int) or self.interval < 0:
@@ -466,9 +469,23 @@ class EvaluationConfig:
         if self.iters is not None and (not isinstance(self.iters, int) or self.iters < 1):
             raise ConfigError(f"evaluation.iters={self.iters!r} must be a positive integer, or null "
                               "for the whole validation set")
-        if (self.interval or self.initial) and not self.meta_path:
-            raise ConfigError("evaluation.interval / evaluation.initial need evaluation.meta_path: "
-                              "the validation meta JSON (InternVL format)")
+        if (self.interval or self.initial) and not (self.meta_path or self.samples):
+            raise ConfigError("evaluation.interval / evaluation.initial need evaluation.meta_path (the "
+                              "validation meta JSON, InternVL format) and/or evaluation.samples")
+        if self.samples and not (self.interval or self.initial):
+            raise ConfigError("evaluation.samples is set but evaluation.interval=0: set the interval")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"evaluation.max_new_tokens={self.max_new_tokens!r} must be a positive integer")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases beside TensorBoard (`pip install wandb`); off while `project` is unset."""
+
+    project: Optional[str] = None
+    name: Optional[str] = None      # default: the run directory's name
+    entity: Optional[str] = None
+    mode: str = "online"            # online / offline (no network; `wandb sync` later) / disabled
 
 
 @dataclass
@@ -478,8 +495,11 @@ class LoggingConfig:
     progress: bool = True
     # [first, last] step recorded by torch.profiler (a trace per rank in RUN_DIR/profile); [] off.
     profile_steps: list = field(default_factory=list)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
+        if self.wandb.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"logging.wandb.mode={self.wandb.mode!r} is not one of online, offline, disabled")
         p = self.profile_steps
         if p and not (len(p) == 2 and all(isinstance(x, int) for x in p) and 1 <= p[0] <= p[1]):
             raise ConfigError(f"logging.profile_steps={p!r} must be [first, last] steps with "

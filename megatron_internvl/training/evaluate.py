@@ -31,6 +31,7 @@ from megatron_internvl.data.sources import JsonlFile, all_specs
 from megatron_internvl.parallel.data import BroadcastLoader
 from megatron_internvl.parallel.distributed import compute_device
 
+from .generate import AnswerSampler
 from .loss import dataset_sums, fused_weighted_token_loss, weighted_token_loss
 from .step import packed_seq_params, to_device
 
@@ -85,10 +86,6 @@ class Validator:
         self.tokenizer = tokenizer
         self.micro_batches = micro_batches  # packs per schedule call: the training step's memory
         self.cache: Optional[_Packs] = None
-
-    def due(self, step: int, start_step: int) -> bool:
-        e = self.config.evaluation
-        return bool(e.meta_path) and ((e.interval and step % e.interval == 0) or (e.initial and step == start_step))
 
     def _reader(self):
         if self.cache is None:
@@ -183,6 +180,38 @@ class Validator:
         for o in outputs or []:
             sums += o["sums"]
         return sums
+
+
+class Evaluator:
+    """What runs every `evaluation.interval` steps (and before the first with
+    `evaluation.initial`): the validation loss and the sample answers, each when configured."""
+
+    def __init__(self, config: Config, validator: Optional[Validator], sampler: Optional[AnswerSampler]):
+        self.config, self.validator, self.sampler = config, validator, sampler
+
+    @classmethod
+    def build(cls, config: Config, tokenizer, micro_batches: int) -> Optional["Evaluator"]:
+        from megatron_internvl.config import ConfigError
+        from megatron_internvl.data.build import build_tokenizer
+
+        e = config.evaluation
+        if not e.meta_path and not e.samples:
+            return None
+        tokenizer = tokenizer or build_tokenizer(config.data)
+        if e.samples and config.parallel.pipeline_parallel > 1:
+            raise ConfigError("evaluation.samples needs parallel.pipeline_parallel=1 (greedy decoding is "
+                              "not pipelined): drop evaluation.samples or the pipeline split")
+        return cls(config, Validator(config, tokenizer, micro_batches) if e.meta_path else None,
+                   AnswerSampler(config, tokenizer) if e.samples else None)
+
+    def maybe_run(self, step: int, start_step: int, chunks, metrics) -> None:
+        e = self.config.evaluation
+        if not ((e.interval and step % e.interval == 0) or (e.initial and step == start_step)):
+            return
+        if self.validator is not None:
+            metrics.log_validation(self.validator(chunks, step))
+        if self.sampler is not None:
+            metrics.log_samples(self.sampler(chunks, step))
 
 
 def evaluate_checkpoint(config: Config) -> dict:

@@ -11,6 +11,8 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_internvl.config.errors import InternVLError
+from megatron_internvl.config.loader import config_to_dict
+
 from .metrics import MetricsLogger
 from .profiling import StepProfiler
 from .records import step_record
@@ -61,14 +63,15 @@ def train(run: TrainingRun) -> int:
     config, t = run.config, run.config.training
     n_micro = t.global_batch_size // (t.micro_batch_size * ps.get_data_parallel_world_size())
     metrics = MetricsLogger(run.run_dir, t.train_steps, enabled=run.rank0, tensorboard=config.logging.tensorboard,
-                            progress=config.logging.progress)
+                            progress=config.logging.progress, wandb=config.logging.wandb,
+                            config=config_to_dict(config))
     stop, health = StopRequest(t.time_limit_minutes), HealthWatch(t, run.save_dir)
     save_every = config.checkpoint.save_interval
     profiler = StepProfiler(run.run_dir, config.logging.profile_steps, torch.distributed.get_rank())
     step, exit_code, finished, save_s = run.start_step, 0, False, 0.0
     try:
-        if run.validator is not None and run.validator.due(step, run.start_step):
-            metrics.log_validation(run.validator(run.ddp, step))
+        if run.evaluator is not None:
+            run.evaluator.maybe_run(step, run.start_step, run.ddp, metrics)
         while step < t.train_steps:
             run.manager.poll()
             profiler.begin(step + 1)
@@ -87,8 +90,8 @@ def train(run: TrainingRun) -> int:
             if step % t.log_interval == 0 or step == t.train_steps:
                 metrics.log(step_record(run, step, result, lr, elapsed, {"data": data_s, "checkpoint": save_s}))
                 save_s = 0.0
-            if run.validator is not None and run.validator.due(step, run.start_step):
-                metrics.log_validation(run.validator(run.ddp, step))
+            if run.evaluator is not None:
+                run.evaluator.maybe_run(step, run.start_step, run.ddp, metrics)
             reason = stop_reason(stop, t, step)
             t_save = time.monotonic()
             if reason:

@@ -27,7 +27,7 @@ from megatron_internvl.parallel import distributed
 from megatron_internvl.parallel.data import BroadcastLoader
 from megatron_internvl.parallel.sequence import pack_pad_multiple
 
-from .evaluate import Validator
+from .evaluate import Evaluator
 from .mpo import MpoObjective, build_reference
 from .stages import apply_stage, trainable_components
 
@@ -55,7 +55,7 @@ class TrainingRun:
     rank0: bool
     run_dir: Path
     save_dir: Path
-    validator: Optional[Validator] = None
+    evaluator: Optional[Evaluator] = None
 
     def save(self, step: int) -> None:
         common = {"config": config_to_dict(self.config),
@@ -226,11 +226,9 @@ def setup(config: Config) -> TrainingRun:
         start_step, data_state = restore(config, source, resuming, ddp, optimizer, scheduler, mpo, data_global)
     # Read (decode, tile, pack) once per model replica; the other TP/PP ranks receive the packs.
     loader = BroadcastLoader(lambda: data_reader(config, tokenizer, mpo, trainable, data_state))
-    validator = None
-    if config.evaluation.meta_path:
-        from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state as ps
 
-        n_micro = t.global_batch_size // (t.micro_batch_size * ps.get_data_parallel_world_size())
-        validator = Validator(config, tokenizer or build_tokenizer(config.data), n_micro)
+    n_micro = t.global_batch_size // (t.micro_batch_size * ps.get_data_parallel_world_size())
+    evaluator = Evaluator.build(config, tokenizer, n_micro)
     return TrainingRun(config, ddp, optimizer, scheduler, manager, loader, mpo, trainable, start_step,
-                       data_global, launch.world_size, rank0, run_dir, save_dir, validator)
+                       data_global, launch.world_size, rank0, run_dir, save_dir, evaluator)

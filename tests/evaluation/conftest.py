@@ -24,6 +24,9 @@ def val_data(tmp_path_factory):
     meta = {"val_chat": {"root": ".", "annotation": "val_chat.jsonl", "max_dynamic_patch": 2},
             "val_more": {"root": ".", "annotation": "val_more.jsonl", "max_dynamic_patch": 1}}
     (data / "val_meta.json").write_text(json.dumps(meta))
+    samples = [{"image": "images/china_wide.jpg", "prompt": "Describe the image."},
+               {"image": ["images/flower_tall.jpg", "images/china_small.jpg"], "prompt": "Compare them."}]
+    (data / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
     return data
 
 

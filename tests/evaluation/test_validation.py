@@ -1,6 +1,6 @@
 """Validation loss (training/evaluate.py): layout invariance, equality with the training loss on
-the same packs, broken samples counted, `megatron-internvl evaluate`; and the step-time breakdown
-and profiler trace recorded by the same runs (CPU, fp32)."""
+the same packs, broken samples counted, `megatron-internvl evaluate`; and the step-time breakdown,
+profiler trace and sample answers recorded by the same runs (CPU, fp32)."""
 
 import json
 import subprocess
@@ -35,7 +35,8 @@ def _close(a, b, what, rtol=1e-5):
 @pytest.fixture(scope="module")
 def reference(trainer, val_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("ref")
-    trainer(run, 1, *_overrides(val_data), "logging.profile_steps=[2,2]", expect_rc=42)
+    trainer(run, 1, *_overrides(val_data), "logging.profile_steps=[2,2]", "logging.tensorboard=true",
+            f"evaluation.samples={val_data / 'samples.jsonl'}", "evaluation.max_new_tokens=4", expect_rc=42)
     return run
 
 
@@ -109,3 +110,17 @@ def test_validation_packs_are_dealt_independently_of_dp(val_data):
             other = (r0, r1)[i % 2][i // 2]
             assert torch.equal(pack["input_ids"], other["input_ids"])
             assert torch.equal(pack["pixel_values"], other["pixel_values"])
+
+
+def test_sample_answers_logged_at_each_evaluation(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = [json.loads(line) for line in (reference / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in records] == [
+        (0, "Describe the image."), (0, "Compare them."), (2, "Describe the image."), (2, "Compare them.")]
+    assert [len(r["images"]) for r in records] == [1, 2, 1, 2]
+    assert all(isinstance(r["answer"], str) and r["answer"] for r in records)
+    events = EventAccumulator(str(reference / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Tensors("samples/1/text_summary")] == [0, 2]
+    assert [e.step for e in events.Scalars("val_loss")] == [0, 2]
