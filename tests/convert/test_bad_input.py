@@ -127,3 +127,23 @@ def test_rope_scaling_other_than_dynamic_is_refused(tiny, tmp_path):
     _edit_config(hf, lambda cfg: cfg["llm_config"].update(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
     with pytest.raises(ConversionError, match=r"llm_config\.rope_scaling='yarn'"):
         plan(hf, 1, 1)
+
+
+@pytest.mark.parametrize("name,field", [("qwen3", "text_config"), ("qwen3-remote", "llm_config")])
+def test_gpt_oss_is_refused_naming_what_it_needs(tiny, tmp_path, name, field):
+    hf = _copy(tiny, tmp_path, name)
+    if field == "text_config":
+        _edit_config(hf, lambda c: c[field].update(model_type="gpt_oss"))
+    else:
+        _edit_config(hf, lambda c: c[field].update(architectures=["GptOssForCausalLM"], model_type="gpt_oss"))
+    with pytest.raises(ConversionError) as exc:
+        plan(hf, 1, 1)
+    for need in ("attention-sink", "sliding window", "clamped SwiGLU", "biases", "Harmony"):
+        assert need in str(exc.value), need
+
+
+def test_moe_layout_errors_name_the_field(tiny):
+    with pytest.raises(ConversionError, match=r"expert_parallel=3 must .* divide model.language.num_experts=4"):
+        plan(tiny.dirs["qwen3-moe"], 1, 1, ep=3)
+    with pytest.raises(ConversionError, match=r"expert parallelism needs an MoE language model"):
+        plan(tiny.dirs["qwen3"], 1, 1, ep=2)

@@ -171,6 +171,33 @@ def test_qwen3_roundtrips_and_crosses_formats(tiny, tmp_path):
             assert torch.equal(model.eval()(**batch).logits, tiny.refs["qwen3"][name]), name
 
 
+def test_qwen3_moe_roundtrips_through_ep2(tiny, tmp_path):
+    """Qwen3-MoE: remote code -> ``import --ep 2`` (experts split over two ranks) -> export
+    (experts gathered) is bitwise with its own config; the transformers export has the tensors
+    of the transformers twin and from_pretrained computes the reference logits."""
+    src = tiny.dirs["qwen3-moe-remote"]
+    ckpt = tmp_path / "ckpt"
+    _run(CONVERT + ["import", "--hf-dir", src, "--out", ckpt, "--ep", "2"])
+    saved = yaml_model(ckpt)["language"]
+    assert saved["arch"] == "qwen3_moe" and saved["num_experts"] == 4 and saved["moe_top_k"] == 2
+    assert saved["moe_ffn_hidden_size"] == 48 and saved["moe_norm_topk_prob"] is True
+    remote, native = tmp_path / "remote", tmp_path / "native"
+    _run(CONVERT + ["export", "--ckpt", ckpt, "--out", remote, "--format", "remote-code"])
+    _assert_bitwise(src, remote)
+    assert json.loads((remote / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+
+    _run(CONVERT + ["export", "--ckpt", ckpt, "--out", native, "--format", "transformers"])
+    _assert_bitwise(tiny.dirs["qwen3-moe"], native)
+    from transformers import InternVLForConditionalGeneration
+
+    model, info = InternVLForConditionalGeneration.from_pretrained(native, output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(model.model.language_model).__name__ == "Qwen3MoeModel"
+    with torch.no_grad():
+        for name, batch in tiny.batches.items():
+            assert torch.equal(model.eval()(**batch).logits, tiny.refs["qwen3-moe"][name]), name
+
+
 def yaml_model(ckpt):
     import yaml
 
