@@ -61,7 +61,8 @@ def test_plan_and_verify_report_the_same_way(capsys, tmp_path):
     assert "holds no checkpoint" in _one_error(capsys.readouterr().err)
 
 
-def test_debug_shows_the_traceback(capsys, tmp_path):
+def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MI_DEBUG", "0")  # --debug sets it for child processes: restored afterwards
     assert cli.main(["verify-checkpoint", str(tmp_path / "none"), "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.rstrip().endswith(f"error: {tmp_path / 'none'} does not exist")
