@@ -53,6 +53,7 @@ _WORD_RE = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+", re.UNICODE)
 # a replacement character or half a surrogate pair: the end of a text cut inside a character
 _BROKEN_END = re.compile(r"[\ufffd\ud800-\udfff]+$")
 _RULER_RUN = re.compile(r"([-=_*.#~])\1{3,}")
+_RULERS = [c * 4 for c in "-=_*.#~"]
 _SENTENCE_SPLIT = re.compile(r"\n+|(?<=[.!?。！？])\s+|(?<=[。！？])")
 
 
@@ -196,7 +197,10 @@ def compression_ratio(text: str) -> float:
 def without_runs(text: str) -> str:
     """`text` with its whitespace runs cut to one space and its ruler runs (4 or more copies of
     one of `-=_*.#~`) to three."""
-    return _RULER_RUN.sub(r"\1\1\1", " ".join(text.split()))
+    text = " ".join(text.split())
+    if any(run in text for run in _RULERS):
+        text = _RULER_RUN.sub(r"\1\1\1", text)
+    return text
 
 
 def check_text(text: str, rules: RepetitionRules, where: str = "") -> list[Finding]:

@@ -31,8 +31,9 @@ from functools import lru_cache
 
 _MATRIX = re.compile(r"\\begin\{((?:[pbvVB]?matrix|smallmatrix|array|tabular)\*?)\}.*?\\end\{\1\}", re.S)
 _LATEX_DELIM = re.compile(r"\\(?:begin|end)\s*\{[^}]*\}(?:\{[^}]*\}|\[[^\]]*\])*|\$\$|\\[\[\]]")
-# a heading, or a whole line in bold/underline (a label such as **Answer:** or __Step 2__)
-_LABEL_LINE = re.compile(r"^[ \t]*(?:#{1,6}[ \t].*|(?:\*\*|__)[^*_\n]{1,80}(?:\*\*|__)[ \t]*:?)[ \t]*$", re.M)
+# a heading, or a whole line in bold/underline (a label such as **Answer:** or __Step 2__); the
+# pattern starts with a line break, which the regex engine scans for fast (the text gets one first)
+_LABEL_LINE = re.compile(r"\n[ \t]*(?:#{1,6}[ \t][^\n]*|(?:\*\*|__)[^*_\n]{1,80}(?:\*\*|__)[ \t]*:?)[ \t]*(?=\n)")
 ALNUM = re.compile(r"[^\W_]")   # a letter or a digit
 _JSON_START = re.compile(r"^[ \t]*[\[{]", re.M)
 _JSON_STRING = re.compile(r'"(?:[^"\\\n]|\\.)*"')
@@ -56,7 +57,7 @@ def units(text: str) -> tuple[str, list[str]]:
     if "\\begin" in text or "\\end" in text or "$$" in text or "\\[" in text or "\\]" in text:
         text = _LATEX_DELIM.sub(" ", text)
     if "#" in text or "**" in text or "__" in text:
-        text = _LABEL_LINE.sub("", text)
+        text = _LABEL_LINE.sub("\n", "\n" + text + "\n")[1:-1]
     if not ("{" in text or "[" in text) or _JSON_START.search(text) is None:
         return text, matrices
     prose, objects = _json_units(text)
