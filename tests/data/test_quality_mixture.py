@@ -126,11 +126,11 @@ class TextGen:
                           f"\\frac{{{v} + {a}}}{{{b}}}", f"{a} \\times {b}", f"\\text{{{self.words(1)[0]}}} + {a}"])
 
     def latex_aligned(self) -> str:
-        """A derivation: prose, then 1-4 display blocks (aligned, align*, gathered, split...)."""
+        """A derivation: prose, then 1-6 display blocks of 1-4 rows (aligned, align*, gathered, split...)."""
         out = [self.sentence()]
-        for b in range(self.n(1, 5)):
-            env = self.pick(["aligned", "aligned", "align*", "gathered", "split"])
-            rows = [f"{self._term()} &= {self._term()}"] + [f"&= {self._term()}" for _ in range(self.n(1, 5))]
+        env = self.pick(["aligned", "aligned", "align*", "gathered", "split"])   # a writer keeps to one
+        for b in range(self.n(1, 7)):
+            rows = [f"{self._term()} &= {self._term()}"] + [f"&= {self._term()}" for _ in range(self.n(0, 4))]
             wrap = ("", "") if env == "align*" else self.pick([("$$", "$$"), ("\\[", "\\]"), ("$$", "$$")])
             body = " \\\\\n".join(rows)
             if self.rng.random() < 0.2:      # the whole block on one line
@@ -140,7 +140,8 @@ class TextGen:
             if self.rng.random() < 0.4:
                 out.append(self.pick([f"**Step {b + 1}:**", f"### Step {b + 1}", f"Step {b + 1}:"]))
             out.append(block)
-            out.append(self.sentence().rstrip(".!?") + f", so ${self.pick('xyzn')} = {self.n(1, 50)}$.")
+            if self.rng.random() < 0.6:
+                out.append(self.sentence().rstrip(".!?") + f", so ${self.pick('xyzn')} = {self.n(1, 50)}$.")
         out.append(f"The answer is $\\boxed{{{self.n(1, 500)}}}$.")
         return "\n".join(out)
 
