@@ -2,9 +2,11 @@
 
 Results go to bench/results/filter_throughput.{md,json}.
 
-Samples: the generated mixture of tests/data/test_quality_mixture.py (conversations with tables,
-lists, code, enumerations, step-by-step answers, multi-turn chats; preference pairs; text
-documents; 4% planted anomalies), serialised to jsonl lines in memory. Each cell runs one
+Samples: the generated mixture of tests/data/test_quality_mixture.py (conversations with prose,
+tables, lists, code, enumerations, step-by-step answers, LaTeX derivations and matrices, JSON
+detection outputs, OCR text, CJK, markdown, rulers and leaders, long pasted prompts, multi-turn
+chats; preference pairs; text documents; ~5% planted anomalies), serialised to jsonl lines in
+memory. Each cell runs one
 function over every line; cells are interleaved over `--rounds` rounds and the median round
 is reported, in samples per CPU-second of this process (`time.process_time`, one thread), so
 the figure is per core and stays meaningful on a shared machine. The baseline is `json.loads`
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     sketch = LengthSketch(full.heuristics.length.sample_size)
     for i, (raw, kind) in enumerate(lines):
         try:
-            sketch.add("sample", i, read_view(raw, kind).total_chars)
+            sketch.add("sample", i, read_view(raw, kind).sample_chars)
         except Unreadable:
             pass
     limits = limits_from(sketch, full.heuristics.length)
@@ -145,8 +147,9 @@ def main(argv=None) -> int:
         f"{info['date']}: {info['cpu_model']}, {info['cpus_usable']} usable cores, load average at start "
         f"{info['load_average_at_start']}; Python {info['python']}.", "",
         f"Method: {n} jsonl lines ({chars / n:,.0f} bytes per line on average) of the generated test mixture "
-        "(tests/data/test_quality_mixture.py: conversations with tables, lists, code, enumerations, step-by-step "
-        "answers and multi-turn chats, preference pairs, text documents, ~4% planted anomalies), in memory. "
+        "(tests/data/test_quality_mixture.py: conversations with prose, tables, lists, code, enumerations, "
+        "step-by-step answers, LaTeX, matrices, JSON detections, OCR, CJK, markdown, rulers, long pasted prompts "
+        "and multi-turn chats, preference pairs, text documents, ~5% planted anomalies), in memory. "
         f"Each cell runs over every line; {args.rounds} interleaved rounds, median shown. Throughput is samples "
         "per CPU-second of this single-threaded process, i.e. per core. The baseline is `json.loads` of the "
         "same lines (ratio = baseline time / cell time, same run). Default rules (examples/filter/rules.yaml).", "",
