@@ -20,6 +20,7 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron_internvl.parallel.distributed import compute_device
 
 from megatron_internvl.models.flops import StepShapes
+from megatron_internvl.models.pixels import normalize_pixels
 from .loss import (backward_scale, dataset_sums, fused_weighted_token_loss, global_weight_sum,
                    weighted_token_loss)
 
@@ -62,11 +63,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _grads_finite(chunks) -> bool:
-    finite = torch.tensor([1.0], device=compute_device())
-    for chunk in chunks:
-        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-            if not torch.isfinite(buffer.grad_data).all():
-                finite.zero_()
+    """Whether every gradient on every rank is finite, with one host read.
+
+    A buffer's sum is inf or nan exactly when one of its elements is (finite gradients would have
+    to total beyond fp32's 3e38 to overflow it): one reduction per buffer, no temporary of the
+    buffer's size (``isfinite(buffer)`` allocated one bool per gradient element), the sums added
+    on the device, one all-reduce and one read."""
+    sums = [buffer.grad_data.sum().float() for chunk in chunks
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+    total = torch.stack(sums).sum() if sums else torch.zeros((), device=compute_device())
+    finite = torch.isfinite(total).to(torch.float32).reshape(1)
     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     return bool(finite.item())
 
@@ -93,8 +99,7 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
 
     def forward_step(data_iterator, model):
         b = next(data_iterator)
-        pixels = b["pixel_values"]
-        pixels = pixels.to(dtype) if pixels.numel() else pixels
+        pixels = normalize_pixels(b["pixel_values"], dtype)
         out = model(b["input_ids"], b["position_ids"], pixel_values=pixels,
                     packed_seq_params=packed_seq_params(b), output_hidden=fused_loss or mpo is not None,
                     image_slots=b.get("image_slots"))
