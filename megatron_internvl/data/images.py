@@ -7,7 +7,9 @@ Two decoding backends produce the same tiles:
   nvJPEG (``device="mixed"``, the hardware decoder where there is one) and resized on the GPU.
 
 Both hand back ``uint8`` tiles; cutting the grid into tiles and normalising are shared code, so
-the backends can only differ in decode and resize. On CPU the decode is bit-identical
+the backends can only differ in decode and resize. Training keeps the tiles ``uint8 [T,3,S,S]``
+(:func:`decode_image_tiles`) until the rank's device, where the ViT's input is normalised
+(``models/pixels.py``); :func:`load_image_tiles` normalises at once, with the same arithmetic. On CPU the decode is bit-identical
 (both use libjpeg-turbo); the resize differs slightly because Pillow rounds to 8 bits between
 its horizontal and vertical passes and DALI does not. The measured gap and the tolerance the
 tests hold it to are in ``docs/data.md``.
@@ -32,9 +34,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from megatron_internvl.data.tiling import DEFAULT_IMAGE_SIZE, choose_grid
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from megatron_internvl.models.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels  # noqa: F401
 JPEG_QUALITY_MIN = 75
 JPEG_QUALITY_MAX = 100  # inclusive
 
@@ -149,26 +149,27 @@ def dynamic_preprocess(
     return [Image.fromarray(t) for t in tiles]
 
 
-def normalize_tiles(tiles: np.ndarray | Sequence[Image.Image]) -> torch.Tensor:
-    """``uint8 [T,S,S,3]`` (or PIL tiles) to ImageNet-normalised ``float32 [T,3,S,S]``.
-
-    Same float32 operations as torchvision's ``ToTensor`` + ``Normalize`` (divide by 255, then
-    subtract the mean and divide by the std), so checkpoints trained on InternVL's pipeline see
-    the same numbers.
-    """
+def tiles_chw(tiles: np.ndarray | Sequence[Image.Image]) -> torch.Tensor:
+    """``uint8 [T,S,S,3]`` (or PIL tiles) to ``uint8 [T,3,S,S]``: the layout the ViT reads, still
+    one byte per channel (what workers, host buffers and broadcasts carry)."""
     if not isinstance(tiles, np.ndarray):
         tiles = np.stack([np.asarray(t.convert("RGB")) for t in tiles])
     if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
         raise ValueError(f"expected uint8 tiles [T,S,S,3], got {tiles.dtype} {tiles.shape}")
     if not tiles.flags.writeable:  # e.g. a view of a PIL buffer; torch wants writable memory
         tiles = tiles.copy()
-    # One strided copy into CHW, then in-place arithmetic on contiguous memory: 4x faster than
-    # permute().float() followed by a final .contiguous(), and bit-identical to it.
-    x = torch.empty((tiles.shape[0], 3, tiles.shape[1], tiles.shape[2]), dtype=torch.float32)
-    x.copy_(torch.from_numpy(tiles).permute(0, 3, 1, 2))
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return x.div_(255.0).sub_(mean).div_(std)
+    return torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize_tiles(tiles: np.ndarray | Sequence[Image.Image]) -> torch.Tensor:
+    """``uint8 [T,S,S,3]`` (or PIL tiles) to ImageNet-normalised ``float32 [T,3,S,S]``.
+
+    Same float32 operations as torchvision's ``ToTensor`` + ``Normalize`` (divide by 255, then
+    subtract the mean and divide by the std), so checkpoints trained on InternVL's pipeline see
+    the same numbers; the code is the one training runs on the rank's device
+    (:func:`megatron_internvl.models.pixels.normalize_pixels`).
+    """
+    return normalize_pixels(tiles_chw(tiles))
 
 
 def draw_jpeg_qualities(rng: Rng, n: int) -> list[int]:
@@ -453,7 +454,7 @@ def get_decoder(backend: str) -> TileDecoder:
     return _DECODERS[key]
 
 
-def load_image_tiles(
+def decode_image_tiles(
     path_or_bytes: ImageSource,
     *,
     max_tiles: int,
@@ -464,7 +465,7 @@ def load_image_tiles(
     rng: Rng | None = None,
     backend: str | TileDecoder = "pil",
 ) -> torch.Tensor:
-    """Decode an image into normalised ViT tiles, ``float32 [T, 3, image_size, image_size]``.
+    """Decode an image into ViT tiles, ``uint8 [T, 3, image_size, image_size]`` (not normalised).
 
     ``T`` is the grid's tile count plus one thumbnail when the grid has several tiles. With
     ``jpeg_augment`` every tile (thumbnail included) is JPEG re-compressed at a quality drawn
@@ -483,4 +484,9 @@ def load_image_tiles(
     )
     if jpeg_augment:
         tiles = decoder.jpeg_compress(tiles, draw_jpeg_qualities(rng, len(tiles)))
-    return normalize_tiles(tiles)
+    return tiles_chw(tiles)
+
+
+def load_image_tiles(path_or_bytes: ImageSource, **kw) -> torch.Tensor:
+    """:func:`decode_image_tiles` (same arguments), normalised: ``float32 [T, 3, S, S]``."""
+    return normalize_pixels(decode_image_tiles(path_or_bytes, **kw))

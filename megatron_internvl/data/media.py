@@ -1,18 +1,23 @@
 """Media readers: images and videos -> tiles (`MediaLoader`), or only the tile counts that the
-decoder would produce, read from headers (`HeaderOnlyMedia`, for planning and dry runs)."""
+decoder would produce, read from headers (`HeaderOnlyMedia`, for planning and dry runs).
+
+Tiles are `uint8 [T, 3, S, S]`: they stay one byte per channel through the workers, the pinned
+host buffers and the tensor-parallel broadcast, and are normalised on the rank's device
+(`models/pixels.py`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .images import load_image_tiles
+from .images import decode_image_tiles
 from .tiling import tiles_for_image
-from .video import load_video_tiles
+from .video import decode_video_tiles
 
 
 class MediaLoader:
-    """Decodes images and videos into tiles. Tests inject a fake with the same two methods."""
+    """Decodes images and videos into uint8 tiles. Tests inject a fake with the same two methods
+    (float tiles from a fake are taken as normalised)."""
 
     def __init__(self, image_size: int, use_thumbnail: bool = True, backend: str = "pil",
                  num_video_frames: int = 8):
@@ -23,13 +28,13 @@ class MediaLoader:
 
     def image_tiles(self, path: str, *, max_tiles: int, min_tiles: int, augment: bool,
                     rng: np.random.Generator) -> torch.Tensor:
-        return load_image_tiles(path, max_tiles=max_tiles, min_tiles=min_tiles, image_size=self.image_size,
-                                use_thumbnail=self.use_thumbnail, jpeg_augment=augment, rng=rng,
-                                backend=self.backend)
+        return decode_image_tiles(path, max_tiles=max_tiles, min_tiles=min_tiles, image_size=self.image_size,
+                                  use_thumbnail=self.use_thumbnail, jpeg_augment=augment, rng=rng,
+                                  backend=self.backend)
 
     def video_frames(self, path: str, *, rng: np.random.Generator) -> torch.Tensor:
         # frames are the middle of equal segments: deterministic, no rng needed
-        return load_video_tiles(path, num_frames=self.num_video_frames, image_size=self.image_size)
+        return decode_video_tiles(path, num_frames=self.num_video_frames, image_size=self.image_size)
 
 
 
@@ -47,7 +52,7 @@ class HeaderOnlyMedia(MediaLoader):
         with Image.open(path) as im:
             w, h = im.size
         n = tiles_for_image(w, h, min_tiles, max_tiles, self.image_size, self.use_thumbnail)
-        return torch.empty((n, 3, 0, 0))
+        return torch.empty((n, 3, 0, 0), dtype=torch.uint8)
 
     def video_frames(self, path, *, rng):
         n = int(super().video_frames(path, rng=rng).shape[0])

@@ -131,7 +131,7 @@ class PackedSample:
     labels: np.ndarray          # int64 [L]
     loss_weights: np.ndarray    # float32 [L]
     position_ids: np.ndarray    # float32 [L]
-    pixel_values: torch.Tensor  # float32 [T, 3, S, S]
+    pixel_values: torch.Tensor  # uint8 [T, 3, S, S] (normalised on the rank's device)
     num_tiles: list             # tiles per image, in order
     dataset_index: int
     key: tuple                  # (rank-local sample index, piece)
@@ -184,7 +184,7 @@ def collate_pack(samples: Sequence[PackedSample], *, image_size: int, pad_to_mul
     if pix:
         pixel_values = torch.cat(pix, dim=0)
     else:
-        pixel_values = torch.zeros((0, 3, image_size, image_size), dtype=torch.float32)
+        pixel_values = torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
     num_tiles = [n for s in samples for n in s.num_tiles]
     return {
         "input_ids": torch.from_numpy(np.concatenate(ids).astype(np.int64, copy=False)).unsqueeze(0),

@@ -75,7 +75,7 @@ class SkipSample(Exception):
 
 
 def pixels_none(image_size: int) -> torch.Tensor:
-    return torch.zeros((0, 3, image_size, image_size), dtype=torch.float32)
+    return torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
 
 
 def shift_labels(labels: np.ndarray) -> np.ndarray:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_internvl.data.images import MediaDecodeError, _pil_tile_array, normalize_tiles
+from megatron_internvl.data.images import MediaDecodeError, _pil_tile_array, tiles_chw
 from megatron_internvl.data.tiling import DEFAULT_IMAGE_SIZE
+from megatron_internvl.models.pixels import normalize_pixels
 
 VideoSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
@@ -121,13 +122,13 @@ def read_video_frames(
     return [picked[i] for i in wanted], wanted
 
 
-def load_video_tiles(
+def decode_video_tiles(
     path_or_bytes: VideoSource,
     *,
     num_frames: int,
     image_size: int = DEFAULT_IMAGE_SIZE,
 ) -> torch.Tensor:
-    """``float32 [num_frames, 3, S, S]``: one normalised tile per sampled frame.
+    """``uint8 [num_frames, 3, S, S]``: one tile per sampled frame (not normalised).
 
     Each frame is resized whole to one square (bicubic), exactly as an image with
     ``max_tiles=1`` would be; there is deliberately no augmentation argument.
@@ -137,4 +138,14 @@ def load_video_tiles(
     tiles = np.concatenate(
         [_pil_tile_array(f, 1, 1, image_size, use_thumbnail=False) for f in frames], axis=0
     )
-    return normalize_tiles(tiles)
+    return tiles_chw(tiles)
+
+
+def load_video_tiles(
+    path_or_bytes: VideoSource,
+    *,
+    num_frames: int,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+) -> torch.Tensor:
+    """``float32 [num_frames, 3, S, S]``: :func:`decode_video_tiles`, normalised."""
+    return normalize_pixels(decode_video_tiles(path_or_bytes, num_frames=num_frames, image_size=image_size))

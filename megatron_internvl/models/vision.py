@@ -38,6 +38,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
 from .padding import trim_entries
+from .pixels import normalize_pixels
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -210,9 +211,9 @@ class VisionEmbeddings(MegatronModule):
         return torch.cat([pos[:, :1], patch_pos], dim=1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[tiles, 3, H, W] -> [1 + grid^2, tiles, hidden]."""
+        """[tiles, 3, H, W] (uint8 tiles or normalised values) -> [1 + grid^2, tiles, hidden]."""
         weight = self.patch_embedding.weight
-        x = self.patch_embedding(pixel_values.to(weight.dtype))  # [T, h, gh, gw]
+        x = self.patch_embedding(normalize_pixels(pixel_values, weight.dtype))  # [T, h, gh, gw]
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [T, gh*gw, h]
         cls = self.class_embedding.expand(x.shape[0], -1, -1)

@@ -28,6 +28,7 @@ from megatron_internvl.config.data import DataConfig
 from megatron_internvl.data.loader import PackedDataLoader
 from megatron_internvl.data.media import MediaLoader
 from megatron_internvl.data.sources import JsonlFile, all_specs
+from megatron_internvl.models.pixels import normalize_pixels
 from megatron_internvl.parallel.data import BroadcastLoader
 from megatron_internvl.parallel.distributed import compute_device
 
@@ -147,8 +148,7 @@ class Validator:
 
         def forward_step(data_iterator, model):
             b = next(data_iterator)
-            pixels = b["pixel_values"]
-            pixels = pixels.to(dtype) if pixels.numel() else pixels
+            pixels = normalize_pixels(b["pixel_values"], dtype)
             out = model(b["input_ids"], b["position_ids"], pixel_values=pixels,
                         packed_seq_params=packed_seq_params(b), output_hidden=fused,
                         image_slots=b.get("image_slots"))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from megatron_internvl.data.media import MediaLoader
+from megatron_internvl.models.pixels import normalize_pixels
 from megatron_internvl.data.templates import (get_template, place_image_placeholders, render_chat,
                                               tokenize_segments, wants_bos)
 from megatron_internvl.data.tiling import tile_budget_per_image
@@ -43,7 +44,7 @@ def prompt_inputs(tok, model_cfg, images: Sequence[str], prompt: str, *, templat
                              bos=wants_bos(tok, tpl))
     out = {"input_ids": torch.as_tensor(toks.input_ids).unsqueeze(0)}
     if pixels:
-        out["pixel_values"] = torch.cat(pixels)
+        out["pixel_values"] = normalize_pixels(torch.cat(pixels))
     return out
 
 

@@ -20,6 +20,7 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron_internvl.parallel.distributed import compute_device
 
 from megatron_internvl.models.flops import StepShapes
+from megatron_internvl.models.pixels import normalize_pixels
 from .loss import (backward_scale, dataset_sums, fused_weighted_token_loss, global_weight_sum,
                    weighted_token_loss)
 
@@ -98,8 +99,7 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
 
     def forward_step(data_iterator, model):
         b = next(data_iterator)
-        pixels = b["pixel_values"]
-        pixels = pixels.to(dtype) if pixels.numel() else pixels
+        pixels = normalize_pixels(b["pixel_values"], dtype)
         out = model(b["input_ids"], b["position_ids"], pixel_values=pixels,
                     packed_seq_params=packed_seq_params(b), output_hidden=fused_loss or mpo is not None,
                     image_slots=b.get("image_slots"))

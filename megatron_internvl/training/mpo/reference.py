@@ -37,6 +37,7 @@ from megatron_internvl.data.packing import TwoBudgetPacker, collate_pack
 from megatron_internvl.data.preference import PairBuilder, finish_pair_batch, open_preference_sources
 from megatron_internvl.data.samples import Skip
 from megatron_internvl.models.factory import build_model_chunks
+from megatron_internvl.models.pixels import normalize_pixels
 from megatron_internvl.parallel import distributed
 from megatron_internvl.parallel.data import BroadcastLoader
 from megatron_internvl.parallel.sequence import pack_pad_multiple
@@ -59,8 +60,7 @@ def reference_log_probs(chunks, batches, *, dtype):
     micro-batch on the last pipeline stage, None elsewhere."""
     def forward_step(data_iterator, model):
         b = next(data_iterator)
-        pixels = b["pixel_values"]
-        pixels = pixels.to(dtype) if pixels.numel() else pixels
+        pixels = normalize_pixels(b["pixel_values"], dtype)
         out = model(b["input_ids"], b["position_ids"], pixel_values=pixels, packed_seq_params=packed_seq_params(b),
                     output_hidden=True, image_slots=b.get("image_slots"))
 
