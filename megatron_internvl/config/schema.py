@@ -315,6 +315,9 @@ class TrainingConfig:
     peak_tflops: Optional[float] = None
     # Fault injection for tests: multiply the loss by NaN at these (1-based) steps.
     inject_nan_steps: list[int] = field(default_factory=list)
+    # Micro-batches whose tiles are copied to the device ahead of the one the pipeline schedule
+    # computes (the step's tiles are not all staged on the device first; docs/training.md).
+    micro_batch_prefetch: int = 1
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -326,6 +329,9 @@ class TrainingConfig:
                 raise ConfigError(f"training.{name}={getattr(self, name)} must be >= 1")
         if not self.clip_grad >= 0:
             raise ConfigError(f"training.clip_grad={self.clip_grad} must be >= 0 (0: no clipping)")
+        if self.micro_batch_prefetch < 0:
+            raise ConfigError(f"training.micro_batch_prefetch={self.micro_batch_prefetch} must be >= 0 "
+                              "(micro-batches on the device ahead of the one being computed)")
         if self.max_nonfinite_in_row < 1:
             raise ConfigError(f"training.max_nonfinite_in_row={self.max_nonfinite_in_row} must be >= 1")
         if not self.loss_spike_factor > 1:

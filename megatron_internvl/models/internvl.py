@@ -127,15 +127,9 @@ class InternVLModel(MegatronModule):
     def _spliced_embeddings(self, input_ids, pixel_values, image_slots=None):
         embeddings = self.language_model.embed(input_ids)  # [S, B, H], complete on every rank
         is_image = input_ids == self.image_token_id  # [B, S]
-        num_slots = int(is_image.sum())
         tiles = 0 if pixel_values is None else int(pixel_values.shape[0])
         expected = tiles * self._num_image_token if image_slots is None else int(image_slots.numel())
-        if num_slots != expected:
-            raise ValueError(
-                f"the micro-batch has {num_slots} <IMG_CONTEXT> tokens (id {self.image_token_id}) "
-                f"but {tiles} tiles x {self._num_image_token} tokens per tile = {expected} image "
-                f"features: the data pipeline must emit num_image_token tokens per tile"
-            )
+        self._check_image_tokens(is_image, tiles, expected)
         if tiles:
             features = self.image_features(pixel_values)
             if image_slots is not None:  # several token runs read the same tiles (preference pairs)
@@ -144,12 +138,31 @@ class InternVLModel(MegatronModule):
             blank = torch.zeros(1, 3, self.image_size, self.image_size,
                                 dtype=self.vision_model.embeddings.patch_embedding.weight.dtype,
                                 device=embeddings.device)
-            features = self.image_features(blank)[:0]
+            features = self.image_features(blank)  # spliced nowhere: a zero gradient
         else:
             return embeddings
-        batch_idx, seq_idx = is_image.nonzero(as_tuple=True)  # sample-major, then token order
-        out = embeddings.transpose(0, 1).index_put((batch_idx, seq_idx), features.to(embeddings.dtype))
-        return out.transpose(0, 1).contiguous()
+        # The k-th <IMG_CONTEXT> token (sample-major, then token order) takes feature row k. The
+        # rows come from a running count instead of nonzero(): no read-back of the token count,
+        # forward or backward (index_select's gradient is an index_add).
+        flat = is_image.reshape(-1)
+        row = (torch.cumsum(flat, 0) - 1).clamp_(min=0)
+        picked = features.to(embeddings.dtype).index_select(0, row)  # [B * S, H]
+        out = torch.where(flat[:, None], picked, embeddings.transpose(0, 1).reshape(-1, embeddings.shape[-1]))
+        return out.view(is_image.shape[0], is_image.shape[1], -1).transpose(0, 1).contiguous()
+
+    def _check_image_tokens(self, is_image, tiles: int, expected: int) -> None:
+        """The micro-batch holds one <IMG_CONTEXT> token per image feature. Checked on the device
+        without a host read: a CPU tensor fails here with the counts named; on a GPU a mismatch
+        is a device-side assertion (the data pipeline emits num_image_token tokens per tile)."""
+        try:
+            torch._assert_async(is_image.sum() == expected,
+                                f"<IMG_CONTEXT> tokens != {expected} image features")
+        except RuntimeError:
+            raise ValueError(
+                f"the micro-batch has {int(is_image.sum())} <IMG_CONTEXT> tokens (id "
+                f"{self.image_token_id}) but {tiles} tiles x {self._num_image_token} tokens per "
+                f"tile = {expected} image features: the data pipeline must emit num_image_token "
+                "tokens per tile") from None
 
     def forward(
         self,

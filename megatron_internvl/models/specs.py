@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -124,11 +124,23 @@ def local_decoder_layer_spec(attn_mask_type=AttnMaskType.causal, qk_norm: bool =
 
 def te_decoder_layer_spec(attn_mask_type=AttnMaskType.causal, qk_norm: bool = False,
                           num_experts: int = 0) -> ModuleSpec:
+    """megatron's Transformer Engine layer with the project's packed-RoPE self-attention.
+
+    Only the attention class changes: its submodules stay TE's (fused norm + qkv linear, TE core
+    attention, row-parallel output linear), which :class:`PackedRotarySelfAttention` calls through
+    megatron's ``SelfAttention`` as they are; megatron's own class would read ``cu_seqlens`` back
+    to the host in every layer to rotate a packed micro-batch."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     spec = get_gpt_layer_with_transformer_engine_spec(
         num_experts=num_experts or None, moe_grouped_gemm=bool(num_experts), qk_layernorm=qk_norm)
-    spec.submodules.self_attention.params["attn_mask_type"] = attn_mask_type
+    attention = spec.submodules.self_attention
+    if attention.module is not SelfAttention:
+        raise RuntimeError(f"megatron-core's TE layer spec builds {attention.module.__name__}, not "
+                           "SelfAttention: this project's packed-RoPE attention cannot replace it "
+                           "(use megatron-core 0.16.x or model.spec=local)")
+    attention.module = PackedRotarySelfAttention
+    attention.params["attn_mask_type"] = attn_mask_type
     return spec
 
 
