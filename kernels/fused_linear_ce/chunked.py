@@ -161,11 +161,16 @@ def _check_inputs(hidden, weight, labels, active, vocab_size):
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels {tuple(labels.shape)} must be [tokens] = [{hidden.shape[0]}]")
     if active.numel():
-        used = labels[active]
-        lo, hi = torch.stack([used.min(), used.max()]).tolist()  # one host sync
-        if lo < 0 or hi >= vocab_size:
+        # Checked on the device, no host read: a CPU tensor fails here naming the range; on a GPU
+        # a label out of range is a device-side assertion.
+        used = labels.index_select(0, active)
+        try:
+            torch._assert_async(((used >= 0) & (used < vocab_size)).all(),
+                                f"labels of weighted tokens must be in [0, {vocab_size})")
+        except RuntimeError:
+            lo, hi = int(used.min()), int(used.max())
             raise ValueError(f"labels of weighted tokens must be in [0, {vocab_size}); got "
-                             f"[{lo}, {hi}] (give ignored tokens weight 0)")
+                             f"[{lo}, {hi}] (give ignored tokens weight 0)") from None
 
 
 def _accumulate(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
