@@ -28,6 +28,7 @@ from megatron_internvl.parallel.data import BroadcastLoader
 from megatron_internvl.parallel.sequence import pack_pad_multiple
 
 from .evaluate import Evaluator
+from .grads import finalize_model_grads
 from .mpo import MpoObjective, build_reference
 from .stages import apply_stage, trainable_components
 
@@ -92,7 +93,6 @@ def build_optimizer(config: Config, chunks):
     """megatron DDP around each chunk, the (distributed) Adam optimizer with per-component LR
     multipliers and no weight decay on norms and biases, and the LR schedule."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
     from megatron.core.optimizer import get_standard_config_overrides
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler

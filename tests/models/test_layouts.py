@@ -90,3 +90,16 @@ def test_first_stage_without_llm_layers(single, multi):
     for name, ref in single["ref_grads"].items():
         torch.testing.assert_close(multi[0]["first0_grads"][name], ref, rtol=1e-4, atol=1e-6,
                                    msg=lambda m: f"{name}: {m}")
+
+
+def test_split_vit_qk_norms_beside_qwen3_qk_norms_equal_single_process(single, multi):
+    # The ViT-6B's QK norms are TP-split, the Qwen3 LLM's replicated: only the latter are TP-summed.
+    ref = single["ref_qwen3_grads"]
+    names = [n for n in ref if "q_layernorm" in n or "k_layernorm" in n]
+    assert any(n.startswith("vision_model.") for n in names)
+    assert any(n.startswith("language_model.") for n in names)
+    for rank in range(4):
+        grads = multi[rank]["qwen3_grads"]
+        assert grads.keys() == ref.keys()
+        for name, want in ref.items():
+            torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -24,9 +24,12 @@ LLM = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden
 TOKENS_PER_TILE = 4  # 56 / 14 = 4x4 grid -> 2x2 after pixel unshuffle
 
 
-def model_config(vision=VIT_6B, recompute="none", **vision_overrides) -> ModelConfig:
+QWEN3 = dict(LLM, arch="qwen3", qkv_bias=False, qk_norm=True)  # q/k norms replicated over TP
+
+
+def model_config(vision=VIT_6B, recompute="none", language=LLM, **vision_overrides) -> ModelConfig:
     vision = dict(vision, **vision_overrides)
-    return build_dataclass(ModelConfig, {"language": LLM, "vision": vision, "spec": "local",
+    return build_dataclass(ModelConfig, {"language": language, "vision": vision, "spec": "local",
                                          "image_token_id": IMG, "recompute": recompute})
 
 
@@ -128,11 +131,11 @@ def train_step(model, batches, lr=1e-2, overlap=False, bucket_size=None):
     gradients (canonical names) and the last stage's full logits per micro-batch."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_internvl.parallel.sharding import gather_full_state_dict
+    from megatron_internvl.training.grads import finalize_model_grads
     from megatron_internvl.training.loss import backward_scale, weighted_token_loss
 
     config = model.config
@@ -325,6 +328,8 @@ def single_rank_suite() -> dict:
     m = build(cfg, parallel).train()
     mixed = [text_batch(51), packed_batch(52), text_batch(53), packed_batch(54)]
     res["ref_mixed_grads"], _, _ = train_step(m, mixed, overlap=True, bucket_size=2000)
+    m = build(model_config(language=QWEN3), parallel).train()
+    res["ref_qwen3_grads"], _, _ = train_step(m, [packed_batch(41), packed_batch(42)])
     return res
 
 
@@ -415,4 +420,11 @@ def multi_rank_suite(checkpoint_dir: str) -> dict:
     res["first0_llm_layers_here"] = len(model.language_model.decoder.layers)
     batch = [packed_batch(41), packed_batch(42)][ps.get_data_parallel_rank()]
     res["first0_grads"], res["first0_logits"], _ = train_step(model, [batch])
+
+    # 6. TP=2 x DP=2, ViT-6B (QK norms split over TP) under a Qwen3 LLM (QK norms replicated):
+    #    megatron's name rule would TP-sum both kinds (training/grads.py).
+    parallel = init(tp=2)
+    model = build(model_config(language=QWEN3), parallel).train()
+    batch = [packed_batch(41), packed_batch(42)][ps.get_data_parallel_rank()]
+    res["qwen3_grads"], _, _ = train_step(model, [batch])
     return res
