@@ -275,8 +275,18 @@ def test_rules_file_defaults_and_errors(tmp_path):
     import os
 
     shipped = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "filter", "rules.yaml")
-    # the shipped, documented file spells out exactly the built-in defaults
+    # the shipped, documented file spells out exactly the built-in defaults, every key of them
     assert load_settings(shipped) == FilterSettings()
+    import dataclasses
+
+    import yaml
+
+    def keys(d, prefix=""):
+        return {k for name, v in d.items()
+                for k in ([prefix + name] + (sorted(keys(v, prefix + name + ".")) if isinstance(v, dict) else []))}
+
+    with open(shipped) as f:
+        assert keys(yaml.safe_load(f)) == keys(dataclasses.asdict(FilterSettings()))
     bad = tmp_path / "bad.yaml"
     bad.write_text("heuristics:\n  char_runs:\n    max_run: 5\n")
     with pytest.raises(RulesError, match="char_runs.*known"):
