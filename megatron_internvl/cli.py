@@ -1,5 +1,5 @@
-"""`megatron-internvl` command line: train, convert, plan, inspect-data, filter-data, filter-apply,
-verify-checkpoint."""
+"""`megatron-internvl` command line: train, convert, plan, inspect-data, index-data, filter-data,
+filter-apply, verify-checkpoint."""
 
 from __future__ import annotations
 
@@ -89,6 +89,12 @@ def _inspect_data(rest) -> int:
     return inspect_main(list(rest))
 
 
+def _index_data(rest) -> int:
+    from megatron_internvl.data.indexing import main as index_main
+
+    return index_main(list(rest))
+
+
 def _mpo_reference(rest) -> int:
     from megatron_internvl.training.mpo.reference import main as reference_main
 
@@ -174,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("inspect-data", help="statistics of a data mixture (see `inspect-data --help`)",
                    add_help=False)
+    sub.add_parser("index-data", help="build the offline sample index of a mixture, data.index_path "
+                   "(see `index-data --help`)", add_help=False)
     sub.add_parser("mpo-reference", help="precompute the MPO reference log-probs of every preference pair "
                    "(mpo.reference=precomputed; RECIPE.yaml [overrides], torchrun for several processes)",
                    add_help=False)
@@ -211,6 +219,8 @@ def _dispatch(argv) -> int:
         return _slurm(argv[1:])
     if argv and argv[0] == "inspect-data":
         return _inspect_data(argv[1:])
+    if argv and argv[0] == "index-data":
+        return _index_data(argv[1:])
     if argv and argv[0] == "filter-data":
         return _filter_data(argv[1:])
     if argv and argv[0] == "mpo-reference":

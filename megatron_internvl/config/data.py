@@ -90,6 +90,9 @@ class DataConfig:
     # Sources: explicit specs and/or an InternVL meta JSON (entries are appended to `datasets`).
     datasets: list[DatasetSpec] = field(default_factory=list)
     meta_path: Optional[str] = None
+    # The offline sample index of these datasets (`megatron-internvl index-data`, docs/data.md):
+    # the planner reads its rows instead of templating and tokenizing the global stream.
+    index_path: Optional[str] = None
     # Fraction of samples drawn from kind="text" corpora. None: text corpora are pooled with
     # the other datasets by size x repeat_time like any dataset.
     text_weight: Optional[float] = None

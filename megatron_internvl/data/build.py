@@ -10,6 +10,7 @@ from megatron_internvl.config.data import DataConfig
 
 from .loader import PackedDataLoader, PackShardedLoader
 from .media import HeaderOnlyMedia, MediaLoader
+from .index import SampleIndex
 from .planned import PlannedLoader
 from .sources import JsonlFile, all_specs
 from .tokenizer import Tokenizer, load_tokenizer
@@ -60,7 +61,12 @@ def build_data_loader(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None, dp
     specs = all_specs(cfg.datasets, cfg.meta_path)
     for s in specs:
         s.validate()
-    files = [JsonlFile(s.annotation) for s in specs]
+    index = None
+    if cfg.index_path:   # offsets and metadata from the index: no annotation file is scanned
+        index = SampleIndex.open(cfg.index_path, cfg, specs, tokenizer.path)
+        files = index.jsonl_files(specs)
+    else:
+        files = [JsonlFile(s.annotation) for s in specs]
     for s, f in zip(specs, files):
         if s.length is not None and int(s.length) != len(f):
             logger.warning("dataset %r: meta says length=%s but %s has %d non-empty lines; using %d",
@@ -80,7 +86,7 @@ def build_data_loader(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None, dp
                 header_only = getattr(media_loader, "header_only", None)
                 header_media = header_only() if header_only is not None else media_loader
         loader = PlannedLoader(cfg, tokenizer, specs, files, dp_rank, dp_size, media, header_media,
-                               packs_per_step or dp_size, cost=cost, stop_after=stop_after)
+                               packs_per_step or dp_size, cost=cost, stop_after=stop_after, index=index)
     if state is not None:
         loader.load_state_dict(state)
     return loader

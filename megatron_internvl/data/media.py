@@ -12,7 +12,7 @@ import torch
 
 from .images import decode_image_tiles
 from .tiling import tiles_for_image
-from .video import decode_video_tiles
+from .video import VideoDecodeError, count_video_frames, decode_video_tiles
 
 
 class MediaLoader:
@@ -43,7 +43,9 @@ class HeaderOnlyMedia(MediaLoader):
 
     Returns [T, 3, 0, 0] tensors; T is what the decoder would produce (the same grid rule).
     Files PIL cannot even open are reported as corrupt; truncated bodies go unnoticed.
-    Videos are decoded for real (their frame count needs the container).
+    A video always yields `num_video_frames` tiles (short ones repeat frames): its container is
+    opened for its frame count (metadata, or its packets where the metadata has none), nothing
+    is decoded.
     """
 
     def image_tiles(self, path, *, max_tiles, min_tiles, augment, rng):
@@ -55,5 +57,6 @@ class HeaderOnlyMedia(MediaLoader):
         return torch.empty((n, 3, 0, 0), dtype=torch.uint8)
 
     def video_frames(self, path, *, rng):
-        n = int(super().video_frames(path, rng=rng).shape[0])
-        return torch.empty((n, 3, 0, 0))
+        if count_video_frames(path) < 1:
+            raise VideoDecodeError(path, "no frames")
+        return torch.empty((self.num_video_frames, 3, 0, 0), dtype=torch.uint8)

@@ -62,6 +62,15 @@ class _Pool:
         ds, ln = self.epoch(e)
         return int(ds[k]), int(ln[k]), e
 
+    def locate_many(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ds, ln = np.empty(p.size, np.int32), np.empty(p.size, np.int64)
+        e, k = np.divmod(p, self.per_epoch)
+        for epoch in np.unique(e):
+            sel = e == epoch
+            eds, eln = self.epoch(int(epoch))
+            ds[sel], ln[sel] = eds[k[sel]], eln[k[sel]]
+        return ds, ln
+
 
 class GlobalOrder:
     """Global sample index -> (dataset index, line index, epoch); deterministic from the seed."""
@@ -97,3 +106,16 @@ class GlobalOrder:
         if ((i + 1) * a) // b > before:
             return self.pools[1].locate(before)
         return self.pools[0].locate(i - before)
+
+    def locate_many(self, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset indices, line indices) of the global indices `i` (int64), as `locate` each."""
+        i = np.asarray(i, dtype=np.int64)
+        if self.w is None:
+            return self.pools[0].locate_many(i)
+        a, b = self.w.numerator, self.w.denominator
+        before = (i * a) // b
+        text = ((i + 1) * a) // b > before
+        ds, ln = np.empty(i.size, np.int32), np.empty(i.size, np.int64)
+        ds[text], ln[text] = self.pools[1].locate_many(before[text])
+        ds[~text], ln[~text] = self.pools[0].locate_many((i - before)[~text])
+        return ds, ln

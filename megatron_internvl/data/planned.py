@@ -3,7 +3,9 @@
 Per optimizer step the global batch is `packs_per_step` (G) packs, whatever the DP size:
 
 1. metadata: the samples of the global order are built with a header-only media reader
-   (templating and tokenization, tile counts from image headers, no pixels) into `Unit`s;
+   (templating and tokenization, tile counts from image headers, no pixels) into `Unit`s, or,
+   with a sample index (`data.index_path`, data/index.py), read from its rows: a reader then
+   touches only the index rows of each global batch and the media of its own packs;
 2. plan: `balance.form_packs` (or the streaming `TwoBudgetPacker` for `balance: none`) forms the
    G packs from the carried-over units plus new ones; every rank computes the same plan;
 3. deal: `balance.deal` gives each DP rank G / DP packs (its micro-batches);
@@ -20,13 +22,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
-from .balance import CostModel, StepPlanner, Unit, deal, default_cost, imbalance
 from megatron_internvl.config.data import DataConfig, DatasetSpec
 
+from .balance import CostModel, StepPlanner, Unit, deal, default_cost, imbalance
+from .index import SampleIndex
 from .order import GlobalOrder
 from .packing import collate_pack
 from .samples import SampleBuilder, Skip
@@ -96,10 +101,12 @@ class PlannedLoader:
     def __init__(self, cfg: DataConfig, tokenizer, specs: Sequence[DatasetSpec], files: Sequence[JsonlFile],
                  dp_rank: int, dp_size: int, media: Any, header_media: Any, packs_per_step: int,
                  cost: Optional[CostModel] = None, stop_after: Optional[int] = None,
-                 builder_factory: Optional[Callable] = None, finish: Optional[Callable] = None):
+                 builder_factory: Optional[Callable] = None, finish: Optional[Callable] = None,
+                 index: Optional[SampleIndex] = None):
         """`builder_factory(media) -> builder` replaces `SampleBuilder` (another kind of unit, e.g.
         preference pairs: its pieces need `key`, `num_tokens`, `tiles`, `sample_lengths`);
-        `finish(batch, samples) -> batch` runs after `collate_pack` (picklable: it runs in workers)."""
+        `finish(batch, samples) -> batch` runs after `collate_pack` (picklable: it runs in workers).
+        `index` (of these specs, checked against `cfg`) replaces the metadata pass."""
         if not (0 <= dp_rank < dp_size):
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size}).")
         if packs_per_step < 1 or packs_per_step % dp_size:
@@ -126,6 +133,8 @@ class PlannedLoader:
         self.skips = SkipStats()
         self._meta_stream: Optional[Iterator] = None
         self._meta_loader = None
+        self.index = index
+        self._indexed: deque = deque()   # rows read ahead from the index (not state: derived)
         # consumer side
         self._snapshots: dict[int, dict] = {}
         self._plan_stats: dict[int, dict] = {}
@@ -150,10 +159,35 @@ class PlannedLoader:
             prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
         return iter(self._meta_loader)
 
+    INDEX_READ_AHEAD = 256
+
+    def _index_rows(self, i: int, n: int) -> list:
+        """(global index, units | Skip) of the samples i .. i + n - 1, from the index rows."""
+        idx = np.arange(i, i + n, dtype=np.int64)
+        ds, lines = self.order.locate_many(idx)
+        out = []
+        for j, d, row in zip(idx.tolist(), ds.tolist(), self.index.lookup(ds, lines)):
+            if row.skip is not None:
+                out.append((j, Skip(row.skip, self.dataset_names[d], self.builder.files[d].path, row.line_no,
+                                    row.message)))
+            else:
+                out.append((j, [Unit((j, p), t, n_tiles, (t,)) for p, (t, n_tiles) in enumerate(row.pieces)]))
+        return out
+
+    def _read_indexed(self):
+        if not self._indexed:
+            n = self.INDEX_READ_AHEAD
+            if self.stop_after is not None:
+                n = min(n, self.stop_after - self._next_i)
+            if n <= 0:
+                raise StopIteration
+            self._indexed.extend(self._index_rows(self._next_i, n))
+        return self._indexed.popleft()
+
     def _read_sample(self) -> Optional[list[Unit]]:
         """Units of the next sample that is not skipped; None at the end of a finite stream."""
         if self._meta_stream is None:
-            self._meta_stream = self._open_meta()
+            self._meta_stream = iter(self._read_indexed, None) if self.index is not None else self._open_meta()
         while True:
             try:
                 i, res = next(self._meta_stream)
@@ -166,7 +200,7 @@ class PlannedLoader:
             if isinstance(res, Skip):
                 self._record_skip(res)
                 continue
-            return [unit_of(p) for p in res]
+            return res if self.index is not None else [unit_of(p) for p in res]
 
     def _record_skip(self, s: Skip) -> None:
         # every rank reads the same metadata: one rank logs
@@ -318,13 +352,15 @@ class PlannedLoader:
     def _rebuild(self, keys: set) -> dict[tuple, Unit]:
         out: dict[tuple, Unit] = {}
         for i in sorted({k[0] for k in keys}):
-            ds, line, _ = self.order.locate(i)
-            res = self.meta.build(ds, line, i, i)
+            if self.index is not None:
+                (_, res), = self._index_rows(i, 1)
+            else:
+                ds, line, _ = self.order.locate(i)
+                res = self.meta.build(ds, line, i, i)
+                res = res if isinstance(res, Skip) else [unit_of(p) for p in res]
             if isinstance(res, Skip):
                 raise DataResumeError(f"sample {i} of the checkpointed plan now fails to build: {res}")
-            for p in res:
-                if tuple(p.key) in keys:
-                    out[tuple(p.key)] = unit_of(p)
+            out.update({u.key: u for u in res if u.key in keys})
         missing = keys - set(out)
         if missing:
             raise DataResumeError(f"samples {sorted(missing)[:5]} of the checkpointed plan no longer exist; "

@@ -97,11 +97,18 @@ class SampleBuilder:
         self.templates = [get_template(s.resolved_template(cfg.template)) for s in self.specs]
 
     def build(self, ds: int, line_idx: int, global_index: int, local_index: int):
+        try:
+            line_no, raw = self.files[ds].read(line_idx)
+        except Exception as e:
+            return Skip("bad_record", self.specs[ds].name, self.files[ds].path, -1,
+                        f"{type(e).__name__}: {str(e)[:200]}")
+        return self.build_line(ds, line_no, raw, global_index, local_index)
+
+    def build_line(self, ds: int, line_no: int, raw: bytes, global_index: int, local_index: int):
+        """`build` of a line already read (the offline index reads files in byte ranges)."""
         spec = self.specs[ds]
         f = self.files[ds]
-        line_no = -1
         try:
-            line_no, raw = f.read(line_idx)
             try:
                 rec = parse_record(raw)
             except (ValueError, UnicodeDecodeError) as e:

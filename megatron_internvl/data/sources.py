@@ -105,6 +105,16 @@ class JsonlFile:
         self._fh = None
         self._pid = None
 
+    @classmethod
+    def from_offsets(cls, path: str, starts, ends, line_no) -> "JsonlFile":
+        """Random access from offsets found before (the sample index), without scanning the file."""
+        if not os.path.isfile(path):
+            raise SourceError(f"annotation file {path!r} does not exist.")
+        f = cls.__new__(cls)
+        f.path, f.starts, f.ends, f.line_no = path, starts, ends, line_no
+        f._fh = f._pid = None
+        return f
+
     def __len__(self) -> int:
         return int(self.starts.size)
 

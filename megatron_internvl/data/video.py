@@ -87,6 +87,20 @@ def _decode_selected(av, source: VideoSource, name: str, wanted: list[int]):
     return picked, decoded
 
 
+def count_video_frames(path_or_bytes: VideoSource) -> int:
+    """Frames of a video from its container's metadata, or by demuxing packets (no decode) where
+    the container does not say. Raises :class:`VideoDecodeError` if it cannot be opened."""
+    name = "<bytes>" if isinstance(path_or_bytes, (bytes, bytearray, memoryview)) else os.fspath(path_or_bytes)
+    import av
+
+    try:
+        return _count_frames(av, path_or_bytes, name)
+    except MediaDecodeError:
+        raise
+    except Exception as e:  # av.FFmpegError, OSError
+        raise VideoDecodeError(name, f"{type(e).__name__}: {e}") from None
+
+
 def read_video_frames(
     path_or_bytes: VideoSource, num_frames: int
 ) -> tuple[list[Image.Image], list[int]]:
