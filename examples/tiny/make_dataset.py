@@ -118,8 +118,7 @@ def build(out: str | os.PathLike) -> Path:
                                        {"from": "gpt", "value": text}]})
     write_jsonl(out / "chat.jsonl", chat)
     write_jsonl(out / "pretrain.jsonl", [
-        {"image": rel, "conversations": [{"from": "pretrain", "value": f"<image>\n{CAPTIONS[name]}"}]}
-        for rel, name in images])
+        {"image": rel, "text": f"<image>\n{CAPTIONS[name]}"} for rel, name in images])
     write_jsonl(out / "text.jsonl", [{"text": t} for t in TEXT])
     meta = {
         "tiny_chat": {"root": ".", "annotation": "chat.jsonl", "data_augment": True,

@@ -64,3 +64,21 @@ def test_inspect_text_output_and_errors(toy, tmp_path):
     out = subprocess.run([sys.executable, TOOL, "--meta", str(tmp_path / "none.json"), "--tokenizer", tok, *ARGS],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_tiny_native_pretrain_mixture_reads_without_skips(tmp_path):
+    # examples/tiny/native_pretrain.yaml's data: interleaved image-text lines and a text corpus
+    # (the pretrain lines were once written as conversations, and every one was skipped).
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples", "tiny"))
+    from make_dataset import build
+
+    data = build(tmp_path / "tiny")
+    out = subprocess.run([sys.executable, TOOL, "--meta", str(data / "meta_native.json"), "--tokenizer",
+                          str(data / "tokenizer.json"), "--max-tokens", "256", "--max-tiles", "8",
+                          "--image-size", "56", "--num-image-token", "4", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    lines = sum(len((data / f).read_text().splitlines()) for f in ("pretrain.jsonl", "text.jsonl"))
+    assert rep["samples_skipped"] == 0 and rep["samples"] == lines, rep
+    assert rep["tiles"] > 0 and rep["image_tokens"] > 0, rep
