@@ -6,9 +6,16 @@ group (tensor rank 0 of the first pipeline stage) reads data; the others receive
 
 * tokens, labels, positions, weights, ``cu_seqlens`` and the rest go to the whole group as one
   pickled object (a few hundred KB for a 16k-token pack);
-* pixels (up to ~100 MB for a 48-tile pack) go only to the tensor-parallel ranks of the first
-  stage, the only ones that run the ViT, as one tensor on the compute device. Later stages get a
-  ``[tiles, 3, 0, 0]`` placeholder that keeps the tile count for metrics.
+* pixels (uint8 tiles: 28 MB for a 48-tile pack) go only to the tensor-parallel ranks of the
+  first stage, the only ones that run the ViT, as one tensor on the compute device. Later stages
+  get a ``[tiles, 3, 0, 0]`` placeholder that keeps the tile count for metrics.
+
+``next(loader)`` does both. The training step instead takes the step's micro-batches with
+:meth:`BroadcastLoader.next_deferred` (the small part, broadcast to every rank of the group at the
+step's start, where all of them are at the same point of their program) and moves each one's
+pixels to the device when megatron's schedule asks for it (:class:`MicroBatchFeed`, a bounded
+number ahead), so a step's tiles are never all on the device at once. The tensor-parallel ranks
+of the first stage run the same schedule, so their pixel broadcasts line up.
 
 An error while reading (skip-ratio exceeded, unreadable annotation) is raised on every rank of
 the group, so no rank is left waiting in a broadcast. Context-parallel ranks each have their own
@@ -18,7 +25,7 @@ group (and reader): they need the same packs, which each reader builds identical
 from __future__ import annotations
 
 import pickle
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -66,6 +73,16 @@ class BroadcastLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
+        """The next micro-batch with its pixels on this rank's device (first stage)."""
+        batch = self.next_deferred()
+        batch[_PIXELS] = self.fetch_pixels(batch)
+        return batch
+
+    def next_deferred(self) -> dict[str, Any]:
+        """The next micro-batch without moving its pixels: on the source they stay on the host
+        (pinned by the loader's workers on a GPU node), on the other first-stage ranks a tensor
+        on the ``meta`` device stands for them (shape and dtype only), later stages get the
+        placeholder. :meth:`fetch_pixels` brings them to the device."""
         message: list[Any] = [None]
         if self.is_source:
             try:
@@ -79,16 +96,25 @@ class BroadcastLoader:
         _, meta, shape, dtype = self._receive(message)
         if not self.needs_pixels:
             meta[_PIXELS] = torch.empty((shape[0], 3, 0, 0), dtype=dtype)
-            return meta
-        if self.is_source:
-            pixels = batch[_PIXELS]
+        elif self.is_source:
+            meta[_PIXELS] = batch[_PIXELS]
         else:
-            pixels = torch.empty(shape, dtype=dtype, device=compute_device())
-        if pixels.numel():
-            pixels = pixels.to(compute_device(), non_blocking=True)
-            torch.distributed.broadcast(pixels, src=self.pixel_src, group=self.pixel_group)
-        meta[_PIXELS] = pixels
+            meta[_PIXELS] = torch.empty(shape, dtype=dtype, device="meta")
         return meta
+
+    def fetch_pixels(self, batch: dict[str, Any]) -> torch.Tensor:
+        """A :meth:`next_deferred` batch's pixels on this rank's device: the source copies them
+        (asynchronously from pinned memory), the other tensor-parallel ranks of the first stage
+        receive them; every such rank must call this for the same batches in the same order."""
+        pixels = batch[_PIXELS]
+        if not self.needs_pixels:
+            return pixels
+        if not self.is_source:
+            pixels = torch.empty(pixels.shape, dtype=pixels.dtype, device=compute_device())
+        pixels = pixels.to(compute_device(), non_blocking=True)
+        if pixels.numel():
+            torch.distributed.broadcast(pixels, src=self.pixel_src, group=self.pixel_group)
+        return pixels
 
     def _receive(self, message: list) -> tuple:
         torch.distributed.broadcast_object_list(message, src=self.src, group=self.group)
@@ -105,6 +131,54 @@ class BroadcastLoader:
 
     def stats(self) -> dict[str, Any] | None:
         return self.inner.stats() if self.is_source else None
+
+
+class MicroBatchFeed:
+    """A step's micro-batches for megatron's schedule, pixels moved to the device on demand.
+
+    ``batches`` hold everything but the pixels on the device already (small); the pixels of
+    micro-batch ``m`` are fetched (``fetch``: :meth:`BroadcastLoader.fetch_pixels`) when the
+    schedule first asks for ``m``, together with those of the next ``prefetch`` micro-batches,
+    and dropped once handed over, so at most ``1 + prefetch`` micro-batches' tiles wait on the
+    device (plus those the ViT's backward still holds). On a GPU the copies and broadcasts run on
+    a side stream, so the copy of ``m + 1`` overlaps the computation of ``m``.
+
+    Only the model chunk that runs the ViT (the first) receives pixels: with virtual pipeline
+    stages, the other chunks of the first rank get the ``[tiles, 3, 0, 0]`` placeholder.
+    """
+
+    def __init__(self, batches: Sequence[dict], fetch: Callable[[dict], torch.Tensor], prefetch: int):
+        self.batches, self.fetch, self.prefetch = list(batches), fetch, prefetch
+        self._ready: dict[int, tuple[torch.Tensor, Any]] = {}
+        self._next = 0  # the first micro-batch not fetched yet
+        self._stream = torch.cuda.Stream() if compute_device().type == "cuda" else None
+
+    def _start(self, upto: int) -> None:
+        while self._next < min(upto, len(self.batches)):
+            m, self._next = self._next, self._next + 1
+            if self._stream is None:
+                self._ready[m] = (self.fetch(self.batches[m]), None)
+                continue
+            with torch.cuda.stream(self._stream):
+                pixels = self.fetch(self.batches[m])
+                done = torch.cuda.Event()
+                done.record()
+            self._ready[m] = (pixels, done)
+
+    def pixels(self, m: int) -> torch.Tensor:
+        self._start(m + 1 + self.prefetch)
+        pixels, done = self._ready.pop(m)
+        if done is not None:
+            torch.cuda.current_stream().wait_event(done)
+            pixels.record_stream(torch.cuda.current_stream())
+        return pixels
+
+    def iterator(self, chunk: int) -> Iterator[dict]:
+        for m, b in enumerate(self.batches):
+            if chunk == 0:
+                yield dict(b, **{_PIXELS: self.pixels(m)})
+            else:
+                yield dict(b, **{_PIXELS: torch.empty((b[_PIXELS].shape[0], 3, 0, 0), dtype=torch.uint8)})
 
 
 def _sendable(exc: BaseException) -> BaseException:

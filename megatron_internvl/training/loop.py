@@ -77,12 +77,14 @@ def train(run: TrainingRun) -> int:
             profiler.begin(step + 1)
             t0 = time.monotonic()
             lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-            batches = [next(run.loader) for _ in range(n_micro)]
+            # the step's micro-batches; their tiles go to the device as the schedule needs them
+            batches = [run.loader.next_deferred() for _ in range(n_micro)]
             data_s = time.monotonic() - t0
             result = train_step(run.ddp, run.optimizer, run.scheduler, batches, dtype=DTYPES[t.precision],
                                 num_datasets=len(run.loader.dataset_names),
                                 inject_nan=(step + 1) in t.inject_nan_steps,
-                                fused_loss=config.model.fused_loss, mpo=run.mpo)
+                                fused_loss=config.model.fused_loss, mpo=run.mpo,
+                                fetch_pixels=run.loader.fetch_pixels, prefetch=t.micro_batch_prefetch)
             step += 1
             elapsed = time.monotonic() - t0
             profiler.end(step)

@@ -3,6 +3,12 @@
 The loss is the exact global weighted mean (see :mod:`.loss`): the weights of every micro-batch on
 every data-parallel rank are summed first, each micro-batch contributes ``sum(CE * w) / W``.
 Non-finite loss or gradients skip the update on every rank.
+
+Only the small tensors of the step's micro-batches (tokens, labels, weights: what ``W`` needs)
+are put on the device before the schedule; with ``fetch_pixels`` each micro-batch's tiles follow
+when the schedule asks for it, ``prefetch`` ahead (``parallel.data.MicroBatchFeed``), so the
+step's pixels are never all on the device. The arithmetic is the same either way, and so are the
+losses, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_internvl.parallel.data import MicroBatchFeed
 from megatron_internvl.parallel.distributed import compute_device
 
 from megatron_internvl.models.flops import StepShapes
@@ -78,20 +85,31 @@ def _grads_finite(chunks) -> bool:
 
 
 def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: int,
-               inject_nan: bool = False, fused_loss: bool = False, mpo=None) -> StepResult:
+               inject_nan: bool = False, fused_loss: bool = False, mpo=None,
+               fetch_pixels=None, prefetch: int = 1) -> StepResult:
     """Forward/backward over this rank's micro-batches, then one optimizer step.
 
     ``fused_loss``: the last stage hands its hidden states to the fused output-layer loss
     instead of materialising the logits (same loss, see :mod:`.loss`).
     ``mpo``: a :class:`.mpo.MpoObjective`: preference pairs, the MPO loss over the global batch's
-    pairs (its reference log-probs are fetched first, a forward-only pass in ``model`` mode)."""
+    pairs (its reference log-probs are fetched first, a forward-only pass in ``model`` mode).
+    ``fetch_pixels``: the loader's (``BroadcastLoader.fetch_pixels``) when ``batches`` came from
+    its ``next_deferred``: tiles moved to the device as the schedule needs them, ``prefetch``
+    micro-batches ahead. MPO's reference pass needs the whole step first: there they are staged."""
     n_micro = len(batches)
     device = compute_device()
-    batches = [to_device(b, device) for b in batches]
+    if fetch_pixels is not None and mpo is not None:  # the reference pass reads the whole step
+        batches, fetch_pixels = [dict(b, pixel_values=fetch_pixels(b)) for b in batches], None
+    feed = None
+    if fetch_pixels is None:
+        batches = [to_device(b, device) for b in batches]
+    else:
+        feed = MicroBatchFeed([dict(to_device({k: v for k, v in b.items() if k != "pixel_values"}, device),
+                                    pixel_values=b["pixel_values"]) for b in batches], fetch_pixels, prefetch)
+        batches = feed.batches
     local_w = torch.tensor(sum(float(b["loss_weights"].sum()) for b in batches), device=device)
     total_w = float(global_weight_sum(local_w))
     scale = backward_scale(n_micro)
-    data = iter(batches)
     if mpo is not None:
         total_pairs = float(global_weight_sum(torch.tensor(float(sum(int(b["num_pairs"]) for b in batches)),
                                                            device=device)))
@@ -132,9 +150,10 @@ def train_step(chunks, optimizer, scheduler, batches, *, dtype, num_datasets: in
     if fixed and any(int(b["input_ids"].shape[1]) != seq_len for b in batches):
         raise RuntimeError("this pipeline schedule needs micro-batches of one length; the packs "
                            f"have {sorted({int(b['input_ids'].shape[1]) for b in batches})}")
+    data = [feed.iterator(c) if feed is not None else iter(batches) for c in range(len(chunks))]
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=data if len(chunks) == 1 else [iter(batches) for _ in chunks],
+        data_iterator=data[0] if len(chunks) == 1 else data,
         model=chunks,
         num_microbatches=n_micro,
         seq_length=seq_len,
