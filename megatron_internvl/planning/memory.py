@@ -7,7 +7,8 @@ copy (when the weights are not fp32) sharded over the data-parallel x context-pa
 the distributed optimizer. Activation terms count the tensors autograd keeps for backward with the
 Transformer Engine spec on GPUs (fused norm + linear, flash attention without a score matrix,
 fused SwiGLU), in BF16, for one full pack (``data.max_tokens`` tokens, the tile budget), times
-the micro-batches the pipeline schedule keeps in flight on that stage.
+the micro-batches the pipeline schedule keeps in flight on that stage. The data on the device is
+its own term (:func:`data_bytes`): the step's token tensors and the uint8 tiles fetched ahead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ FUSED_CE_CHUNK_BYTES = 256 * 2**20
 # Bytes per logit without the fused loss: bf16 logits, the fp32 copy megatron's vocab-parallel
 # cross-entropy makes, its saved fp32 softmax, the bf16 gradient (docs/model.md).
 LOGITS_BYTES_PER_ENTRY = 2 + 4 + 4 + 2
+# A pack's per-token tensors on the device: input ids, labels and dataset ids (int64), positions
+# and loss weights (fp32); MPO adds each token's response side and pair (int64).
+TOKEN_BYTES = 8 + 8 + 8 + 4 + 4
+MPO_TOKEN_BYTES = 8 + 8
 
 
 @dataclass
@@ -122,6 +127,23 @@ def loss_bytes(model, parallel, tokens: int) -> float:
     return tokens * rows * LOGITS_BYTES_PER_ENTRY
 
 
+def data_bytes(config, stage: int, microbatches: int) -> float:
+    """The step's data on one GPU of ``stage``: every micro-batch's token tensors (put on the device
+    at the step's start, the loss-weight total needs them), and on the first stage the uint8 tiles
+    of the micro-batch being computed and of ``training.micro_batch_prefetch`` more (MPO stages the
+    whole step: its reference pass reads all of it), plus one pack normalised in float32 (the
+    transient before the cast; the bf16 copy the patch conv keeps is in the ViT term)."""
+    model, data, t = config.model, config.data, config.training
+    mpo = t.stage == "mpo"
+    tokens = microbatches * data.max_tokens * (TOKEN_BYTES + (MPO_TOKEN_BYTES if mpo else 0))
+    if stage != 0:
+        return tokens
+    tile = 3 * model.vision.image_size ** 2  # bytes of one uint8 tile
+    tiles = pack_tiles(data, model.num_image_token)
+    fetched = microbatches if mpo else min(microbatches, 1 + t.micro_batch_prefetch)
+    return tokens + fetched * tiles * tile + tiles * tile * 4
+
+
 def in_flight(stage: int, pp: int, vpp: int, microbatches: int) -> tuple[float, int]:
     """(stage micro-batches of LLM activations held at the peak, micro-batches of model chunk 0
     -- the ViT's -- held), from megatron's own schedule arithmetic: the warm-up forwards run
@@ -159,6 +181,7 @@ class StageMemory:
     reserve: float
     micro_batches_in_flight: float
     reference: float = 0.0  # MPO's frozen reference model (mpo.reference=model), weights only
+    data: float = 0.0  # the step's data on the device (data_bytes)
 
     @property
     def static(self) -> float:
@@ -167,14 +190,15 @@ class StageMemory:
     @property
     def peak(self) -> float:
         return (self.static + self.activations_llm + self.activations_vision + self.loss
-                + self.reserve)
+                + self.data + self.reserve)
 
     def terms(self) -> dict:
         return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
                 "MPO reference model": self.reference,
                 "activations (LLM)": self.activations_llm,
                 "activations (ViT + projector)": self.activations_vision,
-                "output layer + loss": self.loss, "runtime reserve": self.reserve,
+                "output layer + loss": self.loss, "data (tokens, uint8 tiles)": self.data,
+                "runtime reserve": self.reserve,
                 "peak": self.peak}
 
 
@@ -257,5 +281,6 @@ def stage_memory(config, world_size: int, hardware: Hardware) -> list[StageMemor
             loss=loss, reserve=hardware.runtime_reserve_gib * GiB,
             micro_batches_in_flight=n_llm,
             reference=params.total * _param_bytes(t.precision) if mpo_reference else 0.0,
+            data=data_bytes(config, s, microbatches),
         ))
     return out

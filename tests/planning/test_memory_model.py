@@ -137,3 +137,22 @@ def test_stage_flops_split_the_projects_count_and_step_time_by_hand():
     per_pack = step_flops(single.model, pack_shape(single), trainable)
     assert plan.flops_per_step == 8 * per_pack
     assert plan.step_seconds == pytest.approx(8 * per_pack / 50e12, rel=1e-12)
+
+
+def test_data_in_flight_by_hand():
+    from megatron_internvl.planning.memory import data_bytes
+
+    config = build_dataclass(Config, apply_overrides({}, [
+        "data.max_tokens=16384", "data.max_tiles=48", "training.global_batch_size=8",
+        "training.micro_batch_prefetch=1"]))
+    # 8 micro-batches of 16384 tokens at 8 + 8 + 8 + 4 + 4 bytes each on every stage; on the first,
+    # 2 packs of 48 uint8 tiles of 3 x 448 x 448 bytes (the one computed and one ahead) and one
+    # pack of tiles normalised in float32.
+    tokens, tile = 8 * 16384 * 32, 3 * 448 * 448
+    assert data_bytes(config, 1, 8) == tokens
+    assert data_bytes(config, 0, 8) == tokens + 2 * 48 * tile + 48 * tile * 4
+    config.training.micro_batch_prefetch = 0
+    assert data_bytes(config, 0, 8) == tokens + 48 * tile + 48 * tile * 4
+    # MPO stages the whole step (its reference pass reads all of it); two more int64 per token
+    config.training.stage = "mpo"
+    assert data_bytes(config, 0, 8) == 8 * 16384 * 48 + 8 * 48 * tile + 48 * tile * 4
