@@ -244,9 +244,12 @@ class PlannedLoader:
         if W == 0:
             return (ds[item] for item in _PlanSampler(self))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # pinned on a GPU node (the loader's thread does it): the uint8 tiles then go to the
+        # device asynchronously, when the schedule asks for them (parallel/data.py)
         self._loader = torch.utils.data.DataLoader(
             ds, batch_size=None, sampler=_PlanSampler(self), num_workers=W, collate_fn=passthrough,
-            prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
+            prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
+            pin_memory=torch.cuda.is_available())
         return iter(self._loader)
 
     def __next__(self) -> dict[str, Any]:
