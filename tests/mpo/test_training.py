@@ -18,11 +18,12 @@ def ranks(tiny_data, tmp_path_factory):
     return run_ranks(layouts, 2, str(tiny_data), str(tmp_path_factory.mktemp("mpo-layouts")), timeout=600)[0]
 
 
-@pytest.mark.parametrize("layout,grouping", [("tp2", "sequential"), ("pp2", "sequential"), ("dp2", "together")])
-def test_step_matches_float64(ranks, layout, grouping):
-    """Loss, the three terms, accuracy, delta and every gradient; TP=1 is the DP=2 layout, where
-    the two ranks' micro-batches update delta together."""
-    got, want = ranks[layout], ranks["oracle"][grouping]
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+def test_step_matches_float64(ranks, layout):
+    """Loss, the three terms, accuracy, delta and every gradient. Every micro-batch uses the
+    delta from before the step, which then folds in both micro-batches' mean rewards: the same
+    in every layout, the two micro-batches on one rank or on two."""
+    got, want = ranks[layout], ranks["oracle"]["step"]
     _close(got["loss"], want["loss"], f"{layout} loss")
     for term in ("dpo", "bco", "sft"):
         _close(got["mpo"][term], want["terms"][term], f"{layout} {term}")
@@ -30,6 +31,7 @@ def test_step_matches_float64(ranks, layout, grouping):
     # delta is a small difference of fp32 sums of ~20 log-probs each: an absolute tolerance
     _close(got["mpo"]["delta"], want["delta"], f"{layout} delta", rtol=0, atol=1e-5)
     assert want["delta"] != 0
+    _close(got["delta_state"]["delta"]["count"], 4.0, f"{layout} delta count")
     assert got["grads"].keys() == want["grads"].keys()
     for name, g in want["grads"].items():
         _close(got["grads"][name], g, f"{layout} gradient of {name}", rtol=1e-4, atol=1e-6)

@@ -101,32 +101,36 @@ def oracle(data_dir, work) -> dict:
     results["tiles_shared_vs_repeated"] = float((shared - repeated).abs().max())
     results["tiles"] = (int(packs[0]["pixel_values"].shape[0]),
                         int(_repeat_tiles(packs[0], cfg.data.num_image_token)["pixel_values"].shape[0]))
-    for grouping in ("sequential", "together"):
-        policy[0].zero_grad(set_to_none=True)
-        pol = [sums(policy[0], b)[:2] for b in packs]
-        means = [float((beta * (p.detach() - r)).mean()) for (p, _), r in zip(pol, ref)]
-        if grouping == "sequential":
-            deltas = [means[0], (means[0] + means[1]) / 2]
-        else:
-            deltas = [(means[0] + means[1]) / 2] * 2
-        total = torch.zeros((), dtype=torch.float64)
-        terms = {"dpo": 0.0, "bco": 0.0, "sft": 0.0, "accuracy": 0.0}
-        for (p, sft), r, delta in zip(pol, ref, deltas):
-            cr, rr = beta * (p[:, 0] - r[:, 0]), beta * (p[:, 1] - r[:, 1])
-            dpo = -torch.nn.functional.logsigmoid(cr - rr)
-            bco = -torch.nn.functional.logsigmoid(cr - delta) - torch.nn.functional.logsigmoid(-(rr - delta))
-            total = total + (w_dpo * dpo.sum() + w_bco * bco.sum()) / total_pairs + w_sft * sft.sum() / total_w
-            terms["dpo"] += float(dpo.sum()) / total_pairs
-            terms["bco"] += float(bco.sum()) / total_pairs
-            terms["sft"] += float(sft.sum()) / total_w
-            terms["accuracy"] += float((cr > rr).sum()) / total_pairs
-        total.backward()
-        grads = {}
-        for name, param in policy[0].named_parameters():
-            grads[name] = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
-        results[grouping] = {"loss": float(total), "terms": terms, "delta": deltas[-1],
-                             "grads": _canonical(policy, grads)}
+    # One step from a non-zero delta (START_DELTA): every micro-batch uses it, and after the step
+    # the two micro-batches' mean rewards are folded in, whatever the layout.
+    policy[0].zero_grad(set_to_none=True)
+    pol = [sums(policy[0], b)[:2] for b in packs]
+    means = [float((beta * (p.detach() - r)).mean()) for (p, _), r in zip(pol, ref)]
+    delta = START_DELTA["mean"]
+    total = torch.zeros((), dtype=torch.float64)
+    terms = {"dpo": 0.0, "bco": 0.0, "sft": 0.0, "accuracy": 0.0}
+    for (p, sft), r in zip(pol, ref):
+        cr, rr = beta * (p[:, 0] - r[:, 0]), beta * (p[:, 1] - r[:, 1])
+        dpo = -torch.nn.functional.logsigmoid(cr - rr)
+        bco = -torch.nn.functional.logsigmoid(cr - delta) - torch.nn.functional.logsigmoid(-(rr - delta))
+        total = total + (w_dpo * dpo.sum() + w_bco * bco.sum()) / total_pairs + w_sft * sft.sum() / total_w
+        terms["dpo"] += float(dpo.sum()) / total_pairs
+        terms["bco"] += float(bco.sum()) / total_pairs
+        terms["sft"] += float(sft.sum()) / total_w
+        terms["accuracy"] += float((cr > rr).sum()) / total_pairs
+    total.backward()
+    grads = {}
+    for name, param in policy[0].named_parameters():
+        grads[name] = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+    count = START_DELTA["count"]
+    after = (delta * count + sum(means)) / (count + len(means))
+    results["step"] = {"loss": float(total), "terms": terms, "delta": after,
+                       "grads": _canonical(policy, grads)}
     return results
+
+
+# delta before the checked step (as if resumed after two micro-batches), so that its use shows.
+START_DELTA = {"mean": 0.05, "count": 2.0}
 
 
 def _canonical(chunks, grads_by_name):
@@ -176,6 +180,7 @@ def mpo_step(data_dir, work, tp, pp, *extra) -> dict:
     ddp, optimizer, scheduler = build_optimizer(cfg, chunks)
     specs, _ = open_preference_sources(cfg.data)
     objective = MpoObjective(cfg.mpo, build_reference(cfg, specs, ddp[0].config.variable_seq_lengths))
+    objective.load_state_dict({"delta": START_DELTA})
     batches = _packs(cfg, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     result = train_step(ddp, optimizer, scheduler, batches, dtype=torch.float32, num_datasets=1,
                         fused_loss=True, mpo=objective)

@@ -10,9 +10,12 @@ In a training step (:class:`MpoObjective`):
   the SFT loss is (token mean by default, ``mpo.sft_reduction``). Each pair's share of it is
   handed to :func:`mpo_loss` as ``sft_nll`` so that the mean over pairs is that global mean;
 - BCO's reward shift ``delta`` is the running mean of the micro-batches' mean rewards (chosen and
-  rejected together), updated from each micro-batch *before* that micro-batch uses it, with the
-  data-parallel ranks' micro-batches of the same index counted together (TRL's RunningMoments
-  over gathered values). It is part of the training state: saved in checkpoints and restored;
+  rejected together, TRL's RunningMoments). Every micro-batch of a step uses the value from
+  before the step; after the step, the mean rewards of all its micro-batches (every
+  data-parallel rank) are folded in at once, from the sums the step reduces anyway. So nothing
+  inside the schedule's per-micro-batch path communicates or reads back to the host, and a
+  step's delta does not depend on how its micro-batches are spread over data-parallel ranks.
+  It is part of the training state: saved in checkpoints and restored;
 - reward accuracy counts a pair as correct when its chosen reward is strictly above its rejected
   one: a tie (the reference equal to the policy, at step 0) is not correct.
 """
@@ -79,11 +82,17 @@ def pair_sums(token_values: torch.Tensor, batch) -> torch.Tensor:
     keep = side >= 0
     n = int(batch["num_pairs"])
     out = torch.zeros(2 * n, dtype=token_values.dtype, device=token_values.device)
-    out = out.index_add(0, (2 * pair + side)[keep], token_values[0][keep])
+    if n == 0:
+        return out.view(0, 2)
+    # Tokens outside the responses add 0 to slot 0 (a boolean selection would read its size back).
+    slot = torch.where(keep, 2 * pair + side, torch.zeros_like(pair))
+    values = torch.where(keep, token_values[0], torch.zeros_like(token_values[0]))
+    out = out.index_add(0, slot, values)
     return out.view(n, 2)
 
 
-# Sums a micro-batch reports (divided by the global number of pairs after the step).
+# Sums a micro-batch reports (divided by the global number of pairs after the step), then the
+# micro-batch's mean reward and a count of 1 (folded into delta after the step).
 STAT_NAMES = ("dpo", "bco", "sft", "reward_chosen", "reward_rejected", "reward_accuracy")
 
 
@@ -107,12 +116,12 @@ class MpoObjective:
                 b["reference_log_probs"] = r
 
     def loss_func(self, model, b, *, total_w: float, total_pairs: float, scale: float, num_datasets: int):
-        from megatron.core import parallel_state as ps
         from megatron.core.utils import get_attr_wrapped_model
 
         from ..loss import token_log_probs
 
         cfg = self.cfg
+        delta = self.delta.mean  # the value from before this step, for every micro-batch
 
         def fn(hidden):
             language_model = get_attr_wrapped_model(model, "language_model")
@@ -121,44 +130,47 @@ class MpoObjective:
             ref = b["reference_log_probs"].to(policy.dtype)
             with torch.no_grad():
                 rewards = cfg.beta * (policy.detach() - ref)  # [pairs, (chosen, rejected)]
-                mean_reward = rewards.double().mean().reshape(1)
-                group = ps.get_data_parallel_group()
-                torch.distributed.all_reduce(mean_reward, group=group)
-            delta = self.delta.update(float(mean_reward), torch.distributed.get_world_size(group))
             weighted_ce = -logp * b["loss_weights"]
             sft = pair_sums(weighted_ce, b)[:, 0] * (total_pairs / max(total_w, 1e-12))
             terms = mpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], sft,
-                             torch.tensor(delta, dtype=policy.dtype, device=policy.device),
+                             delta,
                              beta=cfg.beta, weights=tuple(cfg.weights), label_smoothing=cfg.label_smoothing)
             loss = terms.total.sum() / total_pairs
             stats = torch.stack([terms.dpo.sum(), terms.bco.sum(), terms.sft.sum(),
                                  rewards[:, 0].sum(), rewards[:, 1].sum(),
                                  (rewards[:, 0] > rewards[:, 1]).sum()]).detach().double()
+            if rewards.numel():
+                stats = torch.cat([stats, rewards.double().mean().reshape(1), stats.new_ones(1)])
+            else:  # no pair in this micro-batch: nothing for delta
+                stats = torch.cat([stats, stats.new_zeros(2)])
             by_ds = torch.zeros(num_datasets, dtype=torch.float64, device=logp.device)
             ds_w = torch.zeros(num_datasets, dtype=torch.float64, device=logp.device)
             ds = b["token_dataset"][0]
             valid = ds >= 0
-            by_ds.index_add_(0, ds[valid], weighted_ce[0][valid].detach().double())
-            ds_w.index_add_(0, ds[valid], b["loss_weights"][0][valid].double())
+            slot = torch.where(valid, ds, torch.zeros_like(ds))
+            zero = torch.zeros((), dtype=torch.float64, device=logp.device)
+            by_ds.index_add_(0, slot, torch.where(valid, weighted_ce[0].detach().double(), zero))
+            ds_w.index_add_(0, slot, torch.where(valid, b["loss_weights"][0].double(), zero))
             return loss * scale, {"loss": loss.detach().double(), "ds": by_ds, "ds_w": ds_w, "mpo": stats}
 
         return fn
 
     def reduce(self, outputs, total_pairs: float, device) -> dict:
         """The step's MPO metrics on every rank (outputs live on the last stage), and delta
-        handed from the last stage to the others so that every rank saves the same state."""
+        updated with the step's micro-batch mean rewards: the same sums on every rank, so every
+        rank keeps (and saves) the same state."""
         from megatron.core import parallel_state as ps
 
-        shift = torch.tensor([self.delta.mean, self.delta.count], dtype=torch.float64, device=device)
-        torch.distributed.broadcast(shift, src=ps.get_pipeline_model_parallel_last_rank(),
-                                    group=ps.get_pipeline_model_parallel_group())
-        self.delta.mean, self.delta.count = float(shift[0]), float(shift[1])
-        sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(STAT_NAMES) + 2, dtype=torch.float64, device=device)
         if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
             for o in outputs:
                 sums += o["mpo"]
         torch.distributed.all_reduce(sums)
-        out = {name: float(v) / total_pairs for name, v in zip(STAT_NAMES, sums.tolist())}
+        values = sums.tolist()
+        mean_rewards, micro_batches = values[-2], values[-1]
+        if micro_batches:
+            self.delta.update(mean_rewards, micro_batches)
+        out = {name: v / total_pairs for name, v in zip(STAT_NAMES, values)}
         out["reward_margin"] = out["reward_chosen"] - out["reward_rejected"]
         out["delta"] = self.delta.mean
         return out
