@@ -73,10 +73,13 @@ def dataset_sums(per_token: torch.Tensor, weights: torch.Tensor, token_dataset: 
     losses (``token_dataset`` -1: padding)."""
     ds = token_dataset[0]
     valid = ds >= 0
+    # Padding adds 0 to dataset 0 (a boolean selection would read its size back to the host).
+    slot = torch.where(valid, ds, torch.zeros_like(ds))
+    zero = torch.zeros((), dtype=torch.float64, device=per_token.device)
     by_ds = torch.zeros(num_datasets, dtype=torch.float64, device=per_token.device)
-    by_ds.index_add_(0, ds[valid], per_token[0][valid].detach().double())
+    by_ds.index_add_(0, slot, torch.where(valid, per_token[0].detach().double(), zero))
     ds_w = torch.zeros(num_datasets, dtype=torch.float64, device=per_token.device)
-    ds_w.index_add_(0, ds[valid], weights[0][valid].double())
+    ds_w.index_add_(0, slot, torch.where(valid, weights[0].double(), zero))
     return by_ds, ds_w
 
 
