@@ -6,6 +6,14 @@ when complete, so an interrupted save never leaves something that looks like a c
 
 The model chunks sit under ``"model"`` (one chunk) or ``"model0"``, ``"model1"``, ... (virtual
 pipeline stages), in training and converter checkpoints alike.
+
+Both layer specs store the same tensors under the same keys (models/specs.py); they differ only in
+Transformer Engine's ``_extra_state`` objects (FP8 scaling metadata of TE linears and attention;
+megatron's local linears store ``None`` under the linears' names, the project's local attention
+stores nothing). Every model load goes through :func:`load_sharded`, which makes that the only
+allowed difference: an ``_extra_state`` the checkpoint lacks is restored as ``None`` (TE's
+``set_extra_state(None)`` restores nothing), one the model does not want is ignored, and any other
+tensor missing on either side stops the load, naming it.
 """
 
 from __future__ import annotations
@@ -16,8 +24,12 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedBase
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from .layout import CheckpointError
+
+EXTRA_STATE = "_extra_state"  # TE's per-module state; "_extra_state1", ... for grouped GEMMs
 
 
 def is_rank0() -> bool:
@@ -51,6 +63,63 @@ def load_chunks(chunks, loaded: dict) -> None:
     else:
         for i, m in enumerate(modules):
             m.load_state_dict(loaded[f"model{i}"])
+
+
+def is_extra_state(key: str) -> bool:
+    return key.rsplit(".", 1)[-1].startswith(EXTRA_STATE)
+
+
+def _sharded_keys(tree) -> list[str]:
+    if isinstance(tree, ShardedBase):
+        return [tree.key]
+    if isinstance(tree, dict):
+        return [k for v in tree.values() for k in _sharded_keys(v)]
+    if isinstance(tree, (list, tuple)):
+        return [k for v in tree for k in _sharded_keys(v)]
+    return []
+
+
+def _restore_absent_as_none(request, loaded, absent: set[str]) -> None:
+    """Put ``None`` where the request asked for an object the checkpoint lacks (megatron dropped
+    it from the request), so that ``load_state_dict`` hands it to the module's ``set_extra_state``."""
+    for name, value in request.items():
+        if isinstance(value, ShardedBase) and value.key in absent:
+            loaded[name] = None
+        elif isinstance(value, dict):
+            _restore_absent_as_none(value, loaded.setdefault(name, {}), absent)
+
+
+def _listed(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_sharded(request: dict, directory: str | os.PathLike, model_entries=("model",)) -> dict:
+    """``dist_checkpointing.load`` that holds the model part to the portability contract above.
+
+    ``model_entries``: the top-level entries of ``request`` that hold model chunks; checkpoint keys
+    under the same components (``language_model.``, ``vision_model.``, ``projector.``) that no rank
+    asked for are reported. Everything else in the checkpoint (optimizer, RNG, data state) may be
+    left unread. A collective: every rank calls it with its own part of the request."""
+    model_keys = [k for e in model_entries if e in request for k in _sharded_keys(request[e])]
+    components = {k.split(".", 1)[0] + "." for k in model_keys}
+    loaded, unread, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_ALL)
+    # megatron's names: "missing" = in the checkpoint, not requested; "unexpected" = the reverse.
+    lacking = sorted(k for k in absent if not is_extra_state(k))
+    surplus = sorted(k for k in unread if k.startswith(tuple(components)) and not is_extra_state(k))
+    if lacking or surplus:
+        parts = []
+        if lacking:
+            parts.append(f"it lacks {len(lacking)} tensors this model has ({_listed(lacking)})")
+        if surplus:
+            parts.append(f"it holds {len(surplus)} tensors this model does not have ({_listed(surplus)})")
+        raise CheckpointError(
+            f"{directory} does not fit this model: {'; '.join(parts)}. Checkpoints move between the "
+            f"local and Transformer Engine specs (only TE's _extra_state differs); other differences "
+            f"mean another model shape or architecture: compare model.* with the checkpoint's model.yaml")
+    _restore_absent_as_none(request, loaded, set(absent) - set(lacking))
+    return loaded
 
 
 def save_model_checkpoint(models, directory: str | os.PathLike, extra_sharded: dict | None = None,
@@ -88,32 +157,30 @@ def load_model_checkpoint(models, directory: str | os.PathLike) -> None:
         )
     if not isinstance(models, (list, tuple)):
         models = [models]
-    loaded = dist_checkpointing.load(model_sharded_state_dict(models), str(directory))
-    if len(models) == 1:
-        models[0].load_state_dict(loaded["model"])
-    else:
-        for i, m in enumerate(models):
-            m.load_state_dict(loaded[f"model{i}"])
+    request = model_sharded_state_dict(models)
+    load_chunks(models, load_sharded(request, directory, tuple(request)))
 
 
 def load_component(chunks, directory: str | os.PathLike, prefixes: tuple[str, ...]) -> int:
     """Load only the parameters under ``prefixes`` (e.g. ``language_model.``) from a model
     checkpoint: component-wise initialisation (InternVL's progressive scaling reuses a ViT trained
-    with a smaller LLM). Returns the number of tensors loaded."""
+    with a smaller LLM). Returns the number of tensors loaded on this rank.
+
+    One load for all chunks, on every rank, even one that holds none of the component (a pipeline
+    stage without the ViT): the load is a collective."""
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
         raise CheckpointError(f"{directory} is not a megatron distributed checkpoint (no metadata.json)")
     modules = [getattr(c, "module", c) for c in chunks]
+    request = {}
+    for key, full in model_sharded_state_dict(modules).items():
+        request[key] = {k: v for k, v in full.items() if k.startswith(prefixes)}
+    loaded = load_sharded(request, directory, tuple(request))
     count = 0
-    for i, module in enumerate(modules):
-        key = "model" if len(modules) == 1 else f"model{i}"
-        full = module.sharded_state_dict()
-        wanted = {k: v for k, v in full.items() if k.startswith(prefixes)}
-        if not wanted:
-            continue
-        loaded = dist_checkpointing.load({key: wanted}, str(directory))
-        missing, unexpected = module.load_state_dict(loaded[key], strict=False)
-        if unexpected:
-            raise CheckpointError(f"unexpected tensors from {directory}: {unexpected[:5]}")
-        count += len(wanted)
+    for module, key in zip(modules, request):
+        if request[key]:
+            missing, unexpected = module.load_state_dict(loaded[key], strict=False)
+            if unexpected:
+                raise CheckpointError(f"unexpected tensors from {directory}: {unexpected[:5]}")
+            count += sum(not is_extra_state(k) for k in request[key])
     return count

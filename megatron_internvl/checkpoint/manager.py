@@ -32,7 +32,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from .io import barrier, chunks_sharded_state_dict, is_rank0, load_chunks
+from .io import barrier, chunks_sharded_state_dict, is_rank0, load_chunks, load_sharded
 from megatron_internvl.config.errors import FaultError
 from megatron_internvl.parallel.distributed import compute_device
 
@@ -377,10 +377,11 @@ class CheckpointManager:
         the planned loader) at any DP size, a per-rank one at the same DP size. RNG is restored
         only under the same layout."""
         state = chunks_sharded_state_dict(chunks)
+        model_entries = tuple(state)
         if finetune:
             # Weights only: also what a converter checkpoint (`convert import`) holds, which has
             # no common training state to read.
-            loaded = dist_checkpointing.load(state, str(path))
+            loaded = load_sharded(state, path, model_entries)
             load_chunks(chunks, loaded)
             return {"step": 0}
         common = CheckpointManager.read_common(path)
@@ -406,7 +407,7 @@ class CheckpointManager:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
         state.update(_per_rank_objects({} if data_state_wanted else None, with_rng=same_layout,
                                        data_global=saved_global))
-        loaded = dist_checkpointing.load(state, str(path))
+        loaded = load_sharded(state, path, model_entries)
         load_chunks(chunks, loaded)
         optimizer.load_state_dict(loaded["optimizer"])
         unshare_adam_steps(optimizer)

@@ -11,14 +11,34 @@ that key in ways that break a ``fully_reshardable`` load (the format the trainin
 - :func:`skip_torch_adam_step_on_load`, before ``dist_checkpointing.load``;
 - :func:`unshare_adam_steps`, after ``optimizer.load_state_dict``.
 
-Each is a no-op where the problem it works around does not arise (an optimizer that has stepped,
-a non-distributed optimizer, a fused Adam without a per-parameter ``step``), so the same calls are
-made on every path. Check them again when megatron-core is upgraded.
+They apply only where megatron-core built torch Adam (:func:`torch_adam_in_use`): with TE's or
+apex's FusedAdam (``HAVE_APEX_OR_TE``), the step lives in the param groups, megatron's own code
+handles it, and a per-parameter ``step`` would be foreign state that the next save writes out.
+Each is also a no-op where its problem does not arise (an optimizer that has stepped, a
+non-distributed optimizer). Check them again when megatron-core is upgraded.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def torch_adam_in_use() -> bool:
+    """Whether megatron-core's distributed optimizer runs on torch Adam (no TE, no apex): the
+    module-level choice it made at import (``distrib_optimizer.HAVE_APEX_OR_TE``)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    return not distrib_optimizer.HAVE_APEX_OR_TE
+
+
+def adam_class_name() -> str:
+    """The Adam class ``get_megatron_optimizer`` builds here (for logs and ``doctor``)."""
+    import megatron.core.optimizer as mcore_optimizer
+
+    if mcore_optimizer.USING_PYTORCH_OPTIMIZER:
+        return "torch.optim.AdamW (torch.optim.Adam without decoupled weight decay): no TE, no apex"
+    cls = mcore_optimizer.Adam
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def prime_optimizer_state(optimizer) -> None:
@@ -31,6 +51,8 @@ def prime_optimizer_state(optimizer) -> None:
     asserts that every ``state[p]["step"]`` has one common value; ``get_megatron_optimizer``'s
     ``init_state_fn`` creates only ``exp_avg`` and ``exp_avg_sq``.)
     """
+    if not torch_adam_in_use():
+        return
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if inner is None:
@@ -53,6 +75,8 @@ def skip_torch_adam_step_on_load(optimizer) -> None:
     it passes to ``_set_main_param_and_optimizer_states``, which copies ``{"param", **state}`` key
     by key and so fails with a ``KeyError: 'step'``. Wrapped once per optimizer; the precision-aware
     optimizer path and a state without ``step`` go to megatron's own setter.)"""
+    if not torch_adam_in_use():
+        return
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
         if setter is None or getattr(setter, "_skips_step", False):
@@ -82,6 +106,8 @@ def unshare_adam_steps(optimizer) -> None:
     (In 0.16.1: ``DistributedOptimizer.load_state_dict`` assigns one ``torch.tensor(step)`` to
     every ``state[p]["step"]``; torch Adam's ``step += 1`` would then advance the step count by the
     number of parameters per optimizer step, changing the bias correction after a resume.)"""
+    if not torch_adam_in_use():
+        return
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         for st in getattr(inner, "state", {}).values():

@@ -91,8 +91,9 @@ def sharded_state(model) -> dict:
 
 def load_weights(model, ckpt) -> None:
     """Load a checkpoint saved at any layout into this rank's chunk."""
-    from megatron.core import dist_checkpointing
+    from megatron_internvl.checkpoint.io import load_sharded
 
     ckpt = check_checkpoint_dir(ckpt)
-    loaded = dist_checkpointing.load(sharded_state(model), str(ckpt))
+    # Either spec's checkpoint: TE's _extra_state (FP8 metadata) is the only difference allowed.
+    loaded = load_sharded(sharded_state(model), ckpt)
     model.load_state_dict(loaded["model"])
