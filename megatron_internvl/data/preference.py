@@ -16,10 +16,16 @@ image, over the packing budgets) is a `Skip` with file:line, counted like SFT da
 
 A pair's id is its dataset name and a hash of its JSON content: stable across files, orders
 and repeats, it keys the precomputed reference log-probs (training/mpo/reference.py).
+
+With ``data.shard_by: global`` (the default) pairs go through the step planner of SFT data
+(`data/planned.py`): a pair is one `Unit` of two sequences (``lengths=(chosen, rejected)``) with
+its tiles counted once, every reader plans the same global batch from the pairs' metadata and
+decodes only the pairs of its own packs, and the data state resumes at any DP size.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -28,12 +34,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from megatron_internvl.config import ConfigError
 from megatron_internvl.config.data import DataConfig
 
 from .loader import PackedDataLoader, PackShardedLoader
 from .loss_weights import square_average_weights
-from .media import MediaLoader
+from .media import HeaderOnlyMedia, MediaLoader
 from .packing import PackedSample
+from .planned import PlannedLoader
 from .positions import image_deltas, position_ids
 from .samples import SampleBuilder, SkipSample, shift_labels
 from .sources import JsonlFile, all_specs
@@ -50,6 +58,11 @@ class PairSample(PackedSample):
     lengths: tuple          # (chosen sequence tokens, rejected sequence tokens)
     response_side: np.ndarray  # int64 [L]: 0 chosen response, 1 rejected response, -1 else
     pair_id: str
+
+    @property
+    def sample_lengths(self) -> tuple:
+        """The planner's unit: both sequences (attention runs within each)."""
+        return self.lengths
 
 
 def pair_id(dataset: str, record: dict) -> str:
@@ -181,15 +194,30 @@ def open_preference_sources(cfg: DataConfig):
 
 def build_preference_loader(cfg: DataConfig, tokenizer: Tokenizer, dp_rank: int = 0, dp_size: int = 1, *,
                             sft_reduction: str = "token", media_loader: Any = None,
-                            stop_after: Optional[int] = None, state: Optional[dict] = None):
+                            stop_after: Optional[int] = None, state: Optional[dict] = None,
+                            packs_per_step: Optional[int] = None, cost=None):
     """`build_data_loader` for preference data: an iterator of packed pair micro-batches.
 
-    ``data.shard_by``: ``sample`` (each rank packs its own share) or ``pack`` (every rank packs
-    the global stream and keeps every dp-th pack: the global batch does not depend on DP). The
-    step planner of ``global`` does not plan pairs yet; it is read as ``pack`` here."""
+    ``data.shard_by``: ``global`` (the planned loader of SFT data: `packs_per_step` packs per
+    step, balanced with `cost`, each rank decodes its own), ``sample`` (each rank packs its own
+    share) or ``pack`` (every rank packs the global stream and keeps every dp-th pack)."""
     specs, files = open_preference_sources(cfg)
     media = media_loader or MediaLoader(cfg.image_size, cfg.use_thumbnail, cfg.image_backend, cfg.num_video_frames)
-    if cfg.shard_by in ("pack", "global"):
+    if cfg.shard_by == "global":
+        if getattr(cfg, "index_path", None):
+            raise ConfigError(f"data.index_path={cfg.index_path}: the sample index holds SFT samples; preference "
+                            "pairs are planned from their own metadata pass: unset data.index_path for MPO")
+        if media_loader is None:
+            header_media = HeaderOnlyMedia(cfg.image_size, cfg.use_thumbnail, cfg.image_backend,
+                                           cfg.num_video_frames)
+        else:
+            header_media = getattr(media_loader, "header_only", lambda: media_loader)()
+        loader = PlannedLoader(
+            cfg, tokenizer, specs, files, dp_rank, dp_size, media, header_media, packs_per_step or dp_size,
+            cost=cost, stop_after=stop_after,
+            builder_factory=lambda m: PairBuilder(cfg, tokenizer, specs, files, m, sft_reduction),
+            finish=functools.partial(finish_pair_batch, num_image_token=cfg.num_image_token))
+    elif cfg.shard_by == "pack":
         inner = PreferenceLoader(cfg, tokenizer, specs, files, 0, 1, media, stop_after, sft_reduction)
         loader = PackShardedLoader(inner, dp_rank, dp_size)
     else:

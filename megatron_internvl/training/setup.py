@@ -182,12 +182,12 @@ def data_reader(config: Config, tokenizer, mpo, trainable: dict, data_state: Opt
         if data_state is not None:
             loader.load_state_dict(data_state)
         return loader
+    planned = dict(packs_per_step=t.global_batch_size // t.micro_batch_size,
+                   cost=CostModel.for_model(config.model, trainable))
     if mpo is not None:
         return build_preference_loader(d, tokenizer, dp_rank, dp, state=data_state,
-                                       sft_reduction=config.mpo.sft_reduction)
-    return build_data_loader(d, tokenizer, dp_rank, dp, state=data_state,
-                             packs_per_step=t.global_batch_size // t.micro_batch_size,
-                             cost=CostModel.for_model(config.model, trainable))
+                                       sft_reduction=config.mpo.sft_reduction, **planned)
+    return build_data_loader(d, tokenizer, dp_rank, dp, state=data_state, **planned)
 
 
 def setup(config: Config) -> TrainingRun:
@@ -220,7 +220,7 @@ def setup(config: Config) -> TrainingRun:
 
     manager = ckpt.CheckpointManager(save_dir, config.checkpoint.keep_last, config.checkpoint.async_save,
                                      hf_files=None if source is None else source / ckpt.HF_SUBDIR)
-    data_global = synthetic or (mpo is None and config.data.shard_by == "global")
+    data_global = synthetic or config.data.shard_by == "global"
     start_step, data_state = 0, None
     if source is not None:
         start_step, data_state = restore(config, source, resuming, ddp, optimizer, scheduler, mpo, data_global)

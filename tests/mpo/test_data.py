@@ -94,3 +94,65 @@ def test_flops_count_a_pairs_tiles_once(tiny_data):
     assert repeated["language"] == shared["language"]
     share = lambda f: f["vision"] / sum(f.values())  # noqa: E731
     assert share(shared) < share(repeated)
+
+
+class _CountingMedia:
+    """The real decoder, counting which images it decodes; header reads go to the header reader."""
+
+    def __init__(self, cfg):
+        from megatron_internvl.data.media import MediaLoader
+
+        self.real = MediaLoader(cfg.image_size, cfg.use_thumbnail)
+        self.cfg, self.decoded = cfg, []
+
+    def image_tiles(self, path, **kw):
+        self.decoded.append(path.rsplit("/", 1)[-1])
+        return self.real.image_tiles(path, **kw)
+
+    def header_only(self):
+        from megatron_internvl.data.media import HeaderOnlyMedia
+
+        return HeaderOnlyMedia(self.cfg.image_size, self.cfg.use_thumbnail)
+
+
+def test_pairs_planned_like_sft_decode_only_own_and_resume_at_another_dp_size(tiny_data):
+    """shard_by=global: the global batch of pairs is the same at any DP size, each reader decodes
+    only the images of its own pairs, and a DP=2 state resumes at DP=1 and DP=4."""
+    from collections import Counter
+
+    from data.helpers import batch_digest
+    from megatron_internvl.data.preference import pair_id
+
+    cfg = _config(tiny_data, "meta_mpo.json", "data.shard_by=global", "data.max_tokens=512")
+    tok, G = build_tokenizer(cfg.data), 4
+    images = {}
+    for line in (tiny_data / "preference.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        images[pair_id("tiny_preference", rec)] = [rec["image"].rsplit("/", 1)[-1]] if "image" in rec else []
+
+    def loaders(dp, state=None):
+        return [build_preference_loader(cfg.data, tok, r, dp, packs_per_step=G, media_loader=_CountingMedia(cfg.data),
+                                        state=state) for r in range(dp)]
+
+    def steps(ls, n):
+        out = []
+        for _ in range(n):
+            step = {}
+            for L in ls:
+                for _ in range(G // len(ls)):
+                    b = next(L)
+                    assert b["num_pairs"] == len(b["pair_ids"]) and b["num_tokens"] <= 512
+                    step[tuple(b["pair_ids"])] = batch_digest(b)
+                    L.mine = getattr(L, "mine", []) + [img for p in b["pair_ids"] for img in images[p]]
+            out.append(step)
+        return out
+
+    ref = steps(loaders(1), 5)
+    dp2 = loaders(2)
+    assert steps(dp2, 2) == ref[:2]
+    for L in dp2:  # a reader decodes the images of its own pairs, nobody else's
+        assert Counter(L.builder.media.decoded) == Counter(L.mine) and L.mine
+    state = dp2[0].state_dict()
+    assert state["plan"] == dp2[1].state_dict()["plan"], "the data state is global"
+    for dp in (1, 4):
+        assert steps(loaders(dp, state), 3) == ref[2:], f"resumed at DP={dp}"
