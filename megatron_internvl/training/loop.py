@@ -14,6 +14,7 @@ from megatron_internvl.config.errors import InternVLError
 from megatron_internvl.config.loader import config_to_dict
 
 from .metrics import MetricsLogger
+from .moe_metrics import MoeMonitor
 from .profiling import StepProfiler
 from .records import step_record
 from .setup import DTYPES, TrainingRun
@@ -68,6 +69,7 @@ def train(run: TrainingRun) -> int:
     stop, health = StopRequest(t.time_limit_minutes), HealthWatch(t, run.save_dir)
     save_every = config.checkpoint.save_interval
     profiler = StepProfiler(run.run_dir, config.logging.profile_steps, torch.distributed.get_rank())
+    moe = MoeMonitor(run.ddp, config.model.language) if config.model.language.num_experts else None
     step, exit_code, finished, save_s = run.start_step, 0, False, 0.0
     try:
         if run.evaluator is not None:
@@ -90,7 +92,8 @@ def train(run: TrainingRun) -> int:
             profiler.end(step)
             health.check(step, result, metrics)
             if step % t.log_interval == 0 or step == t.train_steps:
-                metrics.log(step_record(run, step, result, lr, elapsed, {"data": data_s, "checkpoint": save_s}))
+                metrics.log(step_record(run, step, result, lr, elapsed, {"data": data_s, "checkpoint": save_s},
+                                        moe))
                 save_s = 0.0
             if run.evaluator is not None:
                 run.evaluator.maybe_run(step, run.start_step, run.ddp, metrics)

@@ -32,9 +32,10 @@ def throughput(run: TrainingRun, result: StepResult, elapsed: float) -> dict:
 
 
 def step_record(run: TrainingRun, step: int, result: StepResult, lr: float, elapsed: float,
-                times: dict) -> dict:
+                times: dict, moe=None) -> dict:
     """``times``: seconds of this step waiting for data (``data``) and, since the previous
-    record, saving checkpoints (``checkpoint``); the step adds forward-backward and optimizer."""
+    record, saving checkpoints (``checkpoint``); the step adds forward-backward and optimizer.
+    ``moe``: a :class:`.moe_metrics.MoeMonitor`: router losses and expert load since the last record."""
     loader = run.loader
     rates = throughput(run, result, elapsed)
     plan = getattr(loader.inner, "step_stats", None)  # the planned loader's balance (reading rank)
@@ -48,5 +49,6 @@ def step_record(run: TrainingRun, step: int, result: StepResult, lr: float, elap
         "data_imbalance": rates["data_imbalance"],
         **({f"plan_{k}": v for k, v in plan().items()} if plan is not None else {}),
         **({"mpo": result.mpo} if run.mpo is not None else {}),
+        **({"moe": moe.read()} if moe is not None else {}),
         **{f"time_{k}_s": v for k, v in {**times, **result.times}.items()},
     }

@@ -31,6 +31,12 @@ def _compare(baseline, result, what):
     for name, ref in baseline["params"].items():
         torch.testing.assert_close(result["params"][name], ref, rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{what}: parameter {name}\n{m}")
+    # metrics.jsonl's MoE record (training/moe_metrics.py) is a property of the model, not the layout
+    assert result["routed"] == baseline["routed"]
+    for got, want in zip(result["moe"], baseline["moe"]):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5), f"{what}: {key}"
 
 
 def test_baseline_routes_to_every_expert_and_learns(baseline):
@@ -40,6 +46,14 @@ def test_baseline_routes_to_every_expert_and_learns(baseline):
     # Every expert received tokens (a non-zero gradient), and the router is trained.
     assert all(baseline["grads"][n].abs().sum() > 0 for n in experts)
     assert all(baseline["grads"][f"decoder.layers.{i}.mlp.router.weight"].abs().sum() > 0 for i in range(2))
+    # The MoE metrics: every routed token counted once per layer; both router losses logged; a
+    # load ratio between even (1) and every token on the same top_k experts (experts / top_k = 2).
+    routed, expected = baseline["routed"]
+    assert routed == expected
+    for record in baseline["moe"]:
+        assert {"load_balancing_loss", "z_loss", "load_max_over_mean",
+                "layer0_load_max_over_mean", "layer1_load_max_over_mean"} == record.keys()
+        assert 1.0 <= record["layer0_load_max_over_mean"] <= 2.0 and record["load_balancing_loss"] > 0
 
 
 @pytest.mark.parametrize("tp,pp,ep,world,what", [

@@ -54,6 +54,7 @@ def train_moe(tp: int, pp: int, ep: int, steps: int = 3) -> dict:
     from megatron_internvl.parallel import distributed
     from megatron_internvl.parallel.sharding import gather_full_state_dict
     from megatron_internvl.training.loss import backward_scale, weighted_token_loss
+    from megatron_internvl.training.moe_metrics import MoeMonitor
 
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
                               sequence_parallel=tp > 1)
@@ -61,6 +62,7 @@ def train_moe(tp: int, pp: int, ep: int, steps: int = 3) -> dict:
     parallel.validate(model_cfg)
     distributed.initialize(parallel, seed=1234)
     chunk = build_chunk(model_cfg, parallel)
+    monitor = MoeMonitor([chunk], model_cfg.language)
     ddp = DistributedDataParallel(
         chunk.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True),
         chunk)
@@ -75,7 +77,7 @@ def train_moe(tp: int, pp: int, ep: int, steps: int = 3) -> dict:
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_rank = GLOBAL_MICROBATCHES // dp
-    result = {"losses": [], "grad_norms": [], "grads": None, "params": None}
+    result = {"losses": [], "grad_norms": [], "grads": None, "params": None, "moe": []}
     for step in range(steps):
         batches = global_batch(step)
         total_weight = float(sum(b["loss_weights"].sum() for b in batches))
@@ -109,5 +111,11 @@ def train_moe(tp: int, pp: int, ep: int, steps: int = 3) -> dict:
             loss += sum(float(o["loss"]) for o in outputs)
         torch.distributed.all_reduce(loss)
         result["losses"].append(float(loss) / tp)
+        if step == 0:  # the step's tokens, each routed top_k times in every layer (TP = 1 here)
+            routed = monitor.counts.clone()
+            torch.distributed.all_reduce(routed)
+            lang = model_cfg.language
+            result["routed"] = (float(routed.sum()), GLOBAL_MICROBATCHES * SEQ * lang.moe_top_k * lang.num_layers)
+        result["moe"].append(monitor.read())
     result["params"] = gather_full_state_dict([chunk])
     return result
