@@ -189,6 +189,10 @@ class ParallelConfig:
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # How long a collective waits for the slowest rank before the run fails (NCCL / gloo process
+    # groups, megatron's groups too). Long enough for a first step's kernel compilation, a data
+    # plan built on the reader ranks or a checkpoint save of a large model on a slow file system.
+    timeout_minutes: float = 30.0
 
     @property
     def model_parallel_size(self) -> int:
@@ -219,6 +223,9 @@ class ParallelConfig:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if not self.timeout_minutes > 0:
+            raise ConfigError(f"parallel.timeout_minutes={self.timeout_minutes} must be > 0 (minutes a "
+                              f"collective waits for the slowest rank)")
         if self.context_parallel > 1:
             # Refused rather than run wrong: nothing splits a pack over the CP ranks yet, so each
             # would run the whole pack as if it were its chunk (and the local attention has no CP).

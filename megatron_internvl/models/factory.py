@@ -7,6 +7,7 @@ padded to a multiple of TP, BF16 even under FP8 -- see docs/model.md).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
@@ -37,6 +38,15 @@ def _init_methods(initialize: bool) -> dict:
     if initialize:
         return {}
     return {"init_method": _leave_uninitialised, "output_layer_init_method": _leave_uninitialised}
+
+
+def gradient_accumulation_fusion() -> bool:
+    """Whether each linear's weight-gradient GEMM accumulates straight into megatron DDP's fp32
+    ``main_grad`` (no separate gradient tensor and add). TE's linears do it natively; megatron's
+    local linears (every linear of the local spec, the output layer and projector of both) need
+    apex's ``fused_weight_gradient_mlp_cuda`` extension, which NGC PyTorch containers ship, and
+    megatron refuses the flag without it. So: on CUDA, where that extension is importable."""
+    return torch.cuda.is_available() and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
 def language_transformer_config(model, parallel, precision: str = "fp32",
@@ -95,7 +105,7 @@ def language_transformer_config(model, parallel, precision: str = "fp32",
         bias_dropout_fusion=te,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,  # float (V2PE) positions: megatron's unfused per-token path
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=gradient_accumulation_fusion(),
         persist_layer_norm=False,
         **kwargs,
     )
@@ -194,7 +204,7 @@ def vision_transformer_config(model, parallel, precision: str = "fp32",
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=gradient_accumulation_fusion(),
         persist_layer_norm=False,
         **kwargs,
     )

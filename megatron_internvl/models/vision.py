@@ -143,12 +143,20 @@ class InternViTSelfAttention(SelfAttention):
 def drop_path(x: torch.Tensor, p: float, batch_dim: int = 1) -> torch.Tensor:
     """Stochastic depth: zero a tile's whole branch with probability p, scale the rest by 1/(1-p).
 
-    The mask is drawn from the default generator, which megatron keeps identical across the
-    TP group, so all TP ranks drop the same tiles (the residual stream is replicated).
+    The draws come from the default generator, which every rank seeds alike (megatron's "data
+    parallel" seed) and which activation recompute and checkpoints restore. Each tile draws one
+    number per data-parallel replica and the replica keeps its own column: replicas drop
+    different tiles, the TP ranks of one replica (same tiles, same draws) the same ones, which the
+    replicated residual stream needs, and a resumed run draws what the uninterrupted one did.
     """
+    replicas, replica = 1, 0
+    if parallel_state.model_parallel_is_initialized():
+        replicas = parallel_state.get_data_parallel_world_size()
+        replica = parallel_state.get_data_parallel_rank()
     shape = [1] * x.dim()
     shape[batch_dim] = x.shape[batch_dim]
-    keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
+    draws = torch.rand((x.shape[batch_dim], replicas), device=x.device)[:, replica]
+    keep = (draws >= p).to(x.dtype).view(shape)
     return x * keep / (1.0 - p)
 
 

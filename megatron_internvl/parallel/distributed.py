@@ -106,9 +106,12 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
-def initialize(parallel, seed: int = 1234, timeout_minutes: float = 10.0) -> LaunchEnv:
-    """Initialise torch.distributed and megatron-core's parallel state from a ParallelConfig."""
+def initialize(parallel, seed: int = 1234) -> LaunchEnv:
+    """Initialise torch.distributed and megatron-core's parallel state from a ParallelConfig
+    (``parallel.timeout_minutes`` for the default process group and megatron's groups)."""
     from megatron.core import parallel_state
+
+    timeout_minutes = parallel.timeout_minutes
 
     launch = read_launch_env()
     use_cuda = torch.cuda.is_available()
@@ -134,6 +137,7 @@ def initialize(parallel, seed: int = 1234, timeout_minutes: float = 10.0) -> Lau
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
         context_parallel_size=parallel.context_parallel,
         expert_model_parallel_size=getattr(parallel, "expert_parallel", 1),
+        distributed_timeout_minutes=max(1, round(timeout_minutes)),
     )
     seed_everything(seed)
     return launch

@@ -13,7 +13,8 @@ def _config(local_ckpt: str):
     root = Path(__file__).resolve().parents[2]
     return load_config(str(root / "examples" / "tiny" / "full.yaml"),
                        ["data.synthetic.enabled=true", "data.synthetic.sample_tokens=64",
-                        "data.synthetic.tiles_per_sample=1", f"mpo.reference_checkpoint={local_ckpt}"])
+                        "data.synthetic.tiles_per_sample=1", f"mpo.reference_checkpoint={local_ckpt}",
+                        "parallel.timeout_minutes=7"])
 
 
 def _state(chunks, prefixes=("",)) -> dict:
@@ -51,7 +52,7 @@ def portability(local_ckpt: str, standin_ckpt: str, work: str) -> dict:
 
     config = _config(local_ckpt)
     distributed.initialize(config.parallel, seed=config.training.seed)
-    out = {}
+    out = {"timeouts": _group_timeouts()}
 
     # The local spec reads the stand-in's checkpoint, ignoring its FP8 metadata.
     config.mpo.reference_checkpoint = standin_ckpt
@@ -75,6 +76,9 @@ def portability(local_ckpt: str, standin_ckpt: str, work: str) -> dict:
     out["standin_ref_restored"] = dict(standins.RESTORED)
     out["standin_ref_equal"] = torch.equal(local_state[emb_key],
                                            _plain_tensor(local_ckpt, emb_key, local_state[emb_key]))
+    standins.RESTORED.clear()
+    ckpt.load_model_checkpoint(build_model_chunks(config, initialize=False), standin_ckpt)
+    out["standin_from_standin_restored"] = dict(standins.RESTORED)
     out["standin_has_extra_state"] = any(k.endswith("core_attention._extra_state")
                                          for k in ref.chunks[0].state_dict())
 
@@ -107,6 +111,17 @@ def portability(local_ckpt: str, standin_ckpt: str, work: str) -> dict:
                                                                         ("language_model.",)))
     out["surplus_other_component"] = ckpt.load_component(chunks, f"{work}/surplus", ("projector.",))
     return out
+
+
+def _group_timeouts() -> dict:
+    """parallel.timeout_minutes as the process groups hold it (the default one, megatron's TP)."""
+    from megatron.core import parallel_state as ps
+
+    def minutes(group):
+        return group._get_backend(torch.device("cpu")).options._timeout.total_seconds() / 60
+
+    return {"default": minutes(torch.distributed.distributed_c10d._get_default_group()),
+            "tensor_parallel": minutes(ps.get_tensor_model_parallel_group())}
 
 
 def _fresh(path: str) -> str:
