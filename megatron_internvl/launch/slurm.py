@@ -46,7 +46,8 @@ class JobRequest:
     time: str | None = None
     account: str | None = None
     qos: str | None = None
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = None  # default: the node's cores per GPU (GPU jobs)
+    cpus_per_node: int | None = None  # default: asked of sinfo for the partition
     job_name: str | None = None
     log_dir: str | None = None  # default: RUN_DIR/slurm
     container: str | None = None
@@ -65,6 +66,33 @@ class JobRequest:
         return self.gpus_per_node
 
 
+def node_cpus(partition: str | None) -> int | None:
+    """CPUs of the partition's smallest node, from ``sinfo``; None where Slurm cannot tell."""
+    cmd = ["sinfo", "--noheader", "--format=%c"] + ([f"--partition={partition}"] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    counts = [int(m) for m in re.findall(r"^(\d+)", out.stdout, re.M)] if out.returncode == 0 else []
+    return min(counts) if counts else None
+
+
+def cpus_per_task(req: JobRequest) -> int | None:
+    """--cpus-per-task: given, or the node's cores per GPU times the GPUs a task drives (one
+    under srun, the node's under torchrun). Without it Slurm allocates one core per task, and
+    with CPU binding a reader rank's decoding workers share that core with the rank itself.
+    None for CPU jobs (no GPU to divide by) or when the node's CPUs are unknown."""
+    if req.cpus_per_task is not None:
+        return req.cpus_per_task
+    if not req.gpus_per_node:
+        return None
+    cpus = req.cpus_per_node or node_cpus(req.partition)
+    if cpus is None:
+        return None
+    per_gpu = max(1, cpus // req.gpus_per_node)
+    return per_gpu * (req.processes_per_node() if req.launcher == "torchrun" else 1)
+
+
 def _check(req: JobRequest):
     """Validate the request and the recipe at the job's world size; return the loaded config."""
     from megatron_internvl.config import ConfigError, load_config
@@ -78,6 +106,9 @@ def _check(req: JobRequest):
         raise SlurmError(f"--tasks-per-node {per_node}: at least one process per node")
     if req.launcher not in ("srun", "torchrun"):
         raise SlurmError(f"--launcher {req.launcher}: choose srun or torchrun")
+    for name in ("cpus_per_task", "cpus_per_node"):
+        if getattr(req, name) is not None and getattr(req, name) < 1:
+            raise SlurmError(f"--{name.replace('_', '-')} {getattr(req, name)}: at least 1")
     if req.signal_lead_s < 1:
         raise SlurmError(f"--signal-lead {req.signal_lead_s}: seconds before the time limit, at least 1")
     if not Path(req.recipe).is_file():
@@ -101,7 +132,7 @@ def _directives(req: JobRequest, config) -> list[str]:
     if req.gpus_per_node:
         lines.append(f"--gpus-per-node={req.gpus_per_node}")
     for option, value in (("partition", req.partition), ("time", req.time), ("account", req.account),
-                          ("qos", req.qos), ("cpus-per-task", req.cpus_per_task)):
+                          ("qos", req.qos), ("cpus-per-task", cpus_per_task(req))):
         if value is not None:
             lines.append(f"--{option}={value}")
     lines += [
@@ -132,6 +163,7 @@ def _settings(req: JobRequest, config) -> str:
     values = [
         ("MI_PYTHON", python), ("MI_LAUNCHER", req.launcher),
         ("MI_GPUS_PER_NODE", str(req.processes_per_node())),
+        ("MI_CPUS_PER_TASK", str(cpus_per_task(req) or "")),
         ("MI_CONTAINER_IMAGE", req.container or ""), ("MI_CONTAINER_MOUNTS", req.container_mounts or ""),
         ("MI_LOG_DIR", _log_dir(req, config)),
     ]
@@ -175,7 +207,8 @@ def req_command(req: JobRequest) -> list[str]:
     args = [req.recipe, "--nodes", str(req.nodes), "--gpus-per-node", str(req.gpus_per_node)]
     for flag, value in (("--tasks-per-node", req.tasks_per_node), ("--partition", req.partition),
                         ("--time", req.time), ("--account", req.account), ("--qos", req.qos),
-                        ("--cpus-per-task", req.cpus_per_task), ("--container", req.container),
+                        ("--cpus-per-task", req.cpus_per_task), ("--cpus-per-node", req.cpus_per_node),
+                        ("--container", req.container),
                         ("--container-mounts", req.container_mounts)):
         if value is not None:
             args += [flag, str(value)]
@@ -209,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", help="time limit, e.g. 24:00:00")
     p.add_argument("--account")
     p.add_argument("--qos")
-    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--cpus-per-task", type=int,
+                   help="cores per task (default: the node's cores per GPU, x GPUs per node under torchrun)")
+    p.add_argument("--cpus-per-node", type=int,
+                   help="the nodes' CPUs, where sinfo cannot tell (rendering away from the cluster)")
     p.add_argument("--job-name")
     p.add_argument("--log-dir", help="batch and per-rank logs (default RUN_DIR/slurm)")
     p.add_argument("--container", help="pyxis/enroot image (srun --container-image)")
@@ -235,6 +271,9 @@ def main(argv=None) -> int:
     req = JobRequest(**fields)
     try:
         job = render(req)
+        if req.gpus_per_node and cpus_per_task(req) is None:
+            print("megatron-internvl slurm: note: sinfo could not tell the nodes' CPUs, so the job asks for "
+                  "Slurm's default cores per task; give --cpus-per-task or --cpus-per-node", file=sys.stderr)
         if not args.submit:
             print(job.script, end="")
             return 0

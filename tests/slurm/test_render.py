@@ -98,3 +98,51 @@ def test_submit_without_slurm_says_so(capsys, tmp_path, monkeypatch):
                         "training.global_batch_size=64", "--submit")
     assert rc == 2 and "sbatch not found" in err
     assert (tmp_path / "slurm" / "tiny-full.sbatch").is_file()  # the script it would have submitted
+
+
+BATCH = "training.global_batch_size=64"  # divisible by every data-parallel size below
+
+
+def _fake_sinfo(tmp_path, monkeypatch, cpus: str | None) -> None:
+    """`sinfo` that reports nodes of `cpus` CPUs (None: Slurm cannot be reached)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    body = f'printf "{cpus}\\n"' if cpus is not None else 'echo "sinfo: fatal: no configuration" >&2; exit 1'
+    (bin_dir / "sinfo").write_text(f"#!/bin/sh\n{body}\n")
+    (bin_dir / "sinfo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+
+
+def _cpus_settings(script: str) -> tuple[str, str]:
+    block = re.search(r"^# >>> settings.*?^# <<< settings$", script, re.S | re.M).group(0)
+    env = subprocess.run(["bash", "-c", block + '\nprintf "%s" "$MI_CPUS_PER_TASK"'], capture_output=True,
+                         text=True, check=True).stdout
+    return env, re.search(r'^export TRITON_CACHE_DIR=(.*)$', script, re.M).group(1)
+
+
+def test_cpus_per_task_is_cores_per_gpu_and_triton_cache_is_node_local(capsys, tmp_path, monkeypatch):
+    _fake_sinfo(tmp_path, monkeypatch, "96\n128")  # two node kinds: the smaller one counts
+    rc, script, err = render(capsys, "--nodes", "2", "--gpus-per-node", "8", "--partition", "h100", BATCH)
+    assert rc == 0, err
+    assert "--cpus-per-task=12" in directives(script)
+    cpus, triton = _cpus_settings(script)
+    assert cpus == "12" and '--cpus-per-task="$MI_CPUS_PER_TASK"' in script  # srun gets it too
+    assert "TMPDIR:-/tmp" in triton and "HOME" not in triton
+    # torchrun: one task drives the node's 8 GPUs; an explicit value wins.
+    rc, script, err = render(capsys, "--nodes", "1", "--gpus-per-node", "8", "--launcher", "torchrun", BATCH)
+    assert "--cpus-per-task=96" in directives(script)
+    rc, script, err = render(capsys, "--nodes", "1", "--gpus-per-node", "8", "--cpus-per-task", "6", BATCH)
+    assert "--cpus-per-task=6" in directives(script) and _cpus_settings(script)[0] == "6"
+
+
+def test_cpus_per_task_without_slurm(capsys, tmp_path, monkeypatch):
+    _fake_sinfo(tmp_path, monkeypatch, None)
+    rc, script, err = render(capsys, "--nodes", "1", "--gpus-per-node", "4", BATCH)
+    assert rc == 0 and not any(d.startswith("--cpus-per-task") for d in directives(script))
+    assert "--cpus-per-task or --cpus-per-node" in err  # said, not silently dropped
+    rc, script, err = render(capsys, "--nodes", "1", "--gpus-per-node", "4", "--cpus-per-node", "64", BATCH)
+    assert "--cpus-per-task=16" in directives(script)
+    rc, script, err = render(capsys, "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2")
+    assert not any(d.startswith("--cpus-per-task") for d in directives(script))  # CPU job: Slurm's default
+    rc, script, err = render(capsys, "--nodes", "1", "--gpus-per-node", "4", "--cpus-per-task", "0", BATCH)
+    assert rc == 2 and "--cpus-per-task 0" in err
