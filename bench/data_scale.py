@@ -181,6 +181,46 @@ def measure_reader(cfg: DataConfig, dp: int, micro: int, steps: int) -> dict:
             "pixel_dtype": dtype}
 
 
+def startup_at_scale(work: Path, cfg: DataConfig, copies: int) -> dict:
+    """Start-up over `copies` x the mixture's lines (each annotation file repeated): today's loader
+    for real (it scans the files); the indexed reader's start-up is, whatever the line count,
+    opening the index (index.json, tokenizer hash, a stat and memory maps per file) plus the
+    epoch order over all lines: both measured here, the first on the mixture's own index."""
+    from megatron_internvl.data.index import SampleIndex
+    from megatron_internvl.data.order import GlobalOrder
+    from megatron_internvl.data.sources import all_specs
+    from megatron_internvl.data.tokenizer import load_tokenizer
+
+    big = work / f"x{copies}"
+    (big / "ann").mkdir(parents=True, exist_ok=True)
+    meta = json.loads((work / "meta.json").read_text())
+    for name, e in meta.items():
+        src = work / e["annotation"]
+        with open(big / "ann" / src.name, "wb") as f:
+            for _ in range(copies):
+                f.write(src.read_bytes())
+        e["annotation"] = f"ann/{src.name}"
+        if "root" in e:
+            e["root"] = str(work / e["root"])
+    (big / "meta.json").write_text(json.dumps(meta))
+    today_cfg = DataConfig(**{**cfg.__dict__, "meta_path": str(big / "meta.json")})
+    t = time.perf_counter()
+    loader = build_data_loader(today_cfg, dp_rank=0, dp_size=8, packs_per_step=16)
+    loader.order.locate(0)
+    today = time.perf_counter() - t
+    lines = loader.order.samples_per_epoch
+    specs = all_specs(cfg.datasets, cfg.meta_path)
+    t = time.perf_counter()
+    index = SampleIndex.open(str(work / "index"), cfg, specs, load_tokenizer(cfg.tokenizer_path).path)
+    index.jsonl_files(specs)
+    open_s = time.perf_counter() - t
+    t = time.perf_counter()
+    GlobalOrder(specs, [len(p) * copies for p in index.parts], cfg.seed, cfg.text_weight).locate(0)
+    order_s = time.perf_counter() - t
+    return {"lines": lines, "today_s": today, "index_open_s": open_s, "order_s": order_s,
+            "indexed_s": open_s + order_s}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=1_000_000)
@@ -192,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tiles", type=int, default=SETTINGS["max_tiles"])
     p.add_argument("--work", default="/tmp/data_scale")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--startup-copies", type=int, default=0,
+                   help="also time start-up over this many copies of the mixture's lines")
     args = p.parse_args(argv)
 
     work = Path(args.work) / str(args.samples)
@@ -216,7 +258,11 @@ def main(argv=None) -> int:
             print(f"DP={dp:4d} {name:8s} start-up {r['startup']['wall_s']:6.2f} s | per step cpu {ps['cpu_s']:.3f} s "
                   f"(metadata {ps['metadata_s']:.3f}, plan {ps['plan_s']:.3f}, decode {ps['decode_s']:.3f}), "
                   f"{ps['files_opened']:.0f} files, {ps['samples_per_step']:.0f} samples", flush=True)
-    out = {"samples": args.samples, "dp": args.dp, "micro": args.micro, "steps": args.steps,
+    scale = startup_at_scale(work, cfg, args.startup_copies) if args.startup_copies > 1 else None
+    if scale:
+        print(f"start-up at {scale['lines']} lines: today {scale['today_s']:.2f} s, indexed "
+              f"{scale['indexed_s']:.2f} s (index {scale['index_open_s']:.2f} + order {scale['order_s']:.2f})", flush=True)
+    out = {"samples": args.samples, "startup_at_scale": scale, "dp": args.dp, "micro": args.micro, "steps": args.steps,
            "settings": settings, "mixture": MIX, "mixture_s": made_s, "index_s": index_s,
            "index_workers": args.workers, "index": report, "results": results,
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -257,6 +303,13 @@ def render(out: dict) -> str:
         lines.append(f"| {dp} | {a['metadata_s'] / max(b['metadata_s'], 1e-9):.0f}x | "
                      f"{(a['metadata_s'] + a['plan_s']) / max(b['metadata_s'] + b['plan_s'], 1e-9):.1f}x | "
                      f"{a['cpu_s'] / max(b['cpu_s'], 1e-9):.1f}x | {a['files_opened']:.0f} / {b['files_opened']:.0f} |")
+    sc = out.get("startup_at_scale")
+    if sc:
+        lines += ["", f"Start-up at {sc['lines']:,} lines (each annotation file repeated): today's loader "
+                  f"{sc['today_s']:.2f} s (scanning the files for line offsets, the epoch order); indexed "
+                  f"{sc['indexed_s']:.2f} s = opening the index {sc['index_open_s']:.2f} s (index.json, tokenizer "
+                  f"hash, a stat and memory maps per file: independent of the line count) + the epoch order over "
+                  f"all lines {sc['order_s']:.2f} s."]
     r = out["results"][0]
     lines += ["", f"Bytes per tile from worker to rank: {r['bytes_per_tile']:,} ({r['pixel_dtype']}); float32 tiles "
               f"would be {3 * 448 * 448 * 4:,}.", ""]
