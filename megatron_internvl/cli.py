@@ -77,6 +77,12 @@ def _slurm(rest) -> int:
     return slurm_main(rest)
 
 
+def _doctor(rest) -> int:
+    from megatron_internvl.launch.doctor import main as doctor_main
+
+    return doctor_main(rest)
+
+
 def _convert(rest) -> int:
     from megatron_internvl.convert.cli import main as convert_main
 
@@ -178,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(see `slurm --help`)", add_help=False)
     sub.add_parser("convert", help="Hugging Face <-> Megatron checkpoints (see `convert --help`)",
                    add_help=False)
+    sub.add_parser("doctor", help="what a run on this machine would use (versions, GPU, spec, kernels, "
+                   "optimizer, image decoder) and known-bad combinations ([RECIPE] [--json])", add_help=False)
     sub.add_parser("inspect-data", help="statistics of a data mixture (see `inspect-data --help`)",
                    add_help=False)
     sub.add_parser("index-data", help="build the offline sample index of a mixture, data.index_path "
@@ -217,6 +225,8 @@ def _dispatch(argv) -> int:
         return _convert(argv[1:])
     if argv and argv[0] == "slurm":
         return _slurm(argv[1:])
+    if argv and argv[0] == "doctor":
+        return _doctor(argv[1:])
     if argv and argv[0] == "inspect-data":
         return _inspect_data(argv[1:])
     if argv and argv[0] == "index-data":
