@@ -140,6 +140,12 @@ def _train(recipe: Path, overrides: list[str], steps: int, run_dir: Path, logf, 
 
 
 # --- 1. environment -------------------------------------------------------------------------------
+def doctor_report() -> dict:
+    from megatron_internvl.launch.doctor import report
+
+    return report()
+
+
 def environment() -> dict:
     import torch
     import transformers
@@ -171,6 +177,7 @@ def environment() -> dict:
         "varlen_attn": (attention.VARLEN_ATTN.describe() if isinstance(attention.VARLEN_ATTN, attention.VarlenAdapter)
                         else f"unavailable: {attention.VARLEN_ATTN}"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "doctor": doctor_report(),  # what `megatron-internvl doctor` says about this machine
     }
 
 
