@@ -30,13 +30,21 @@ setup(
         "psutil",
     ],
     extras_require={
-        # Never add the package index's `apex`: it is an unrelated project.
+        # GPU nodes: only what the code imports there. Transformer Engine must match the installed
+        # torch build: an NGC PyTorch container has both (docs/cluster.md, "Recommended
+        # environment"); this extra is for a plain virtualenv. torch >= 2.10: the local spec's
+        # packed attention on CUDA (torch.nn.attention.varlen). Never add the package index's
+        # `apex`: it is an unrelated project.
         "gpu": [
+            "torch>=2.10",
             "transformer-engine[pytorch]",
-            "flash-attn",
-            "nvidia-dali-cuda130",
         ],
-        "dali-cpu": ["nvidia-dali-cuda130"],
+        # DALI's GPU image decoding (data.image_backend=dali), one wheel per CUDA major version:
+        # nvidia-dali-cuda130 needs a driver for CUDA 13 (>= 580), nvidia-dali-cuda120 one for
+        # CUDA 12 (>= 525). `megatron-internvl doctor` warns when the wheel is newer than the driver.
+        "dali-cuda13": ["nvidia-dali-cuda130"],
+        "dali-cuda12": ["nvidia-dali-cuda120"],
+        "dali-cpu": ["nvidia-dali-cuda130"],  # CPU decoding only: any driver, or none
         "test": [
             "pytest",
             "pytest-timeout",

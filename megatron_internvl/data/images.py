@@ -280,8 +280,8 @@ class DALIDecoder(TileDecoder):
             import nvidia.dali  # noqa: F401
         except ImportError:
             raise ModuleNotFoundError(
-                "backend='dali' needs NVIDIA DALI: pip install 'megatron-internvl[dali-cpu]' "
-                "(or [gpu]); use backend='pil' otherwise"
+                "backend='dali' needs NVIDIA DALI: pip install 'megatron-internvl[dali-cuda13]' (CUDA 13 "
+                "driver; [dali-cuda12] for CUDA 12, [dali-cpu] without a GPU); use backend='pil' otherwise"
             ) from None
         if device == "auto":
             forked_from_cuda = getattr(torch.cuda, "_is_in_bad_fork", lambda: False)()
