@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check (docs/performance.md): correctness of the local spec on CUDA without Transformer
-# Engine, and its training throughput against transformers on the same GPU.
+# The GPU check (docs/performance.md): correctness of the local spec on CUDA, and of the
+# Transformer Engine spec where TE is importable (resume, FP8, gradients, host reads), and the
+# training throughput against transformers on the same GPU.
 #
 #   bash bench/gpu/run.sh [OUT_DIR]              # on a GPU node; OUT_DIR defaults to $OUT, else
 #                                                # bench/results/gpu-check
@@ -19,7 +20,7 @@ out=""
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) smoke=(--cpu-smoke) ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     -*) echo "run.sh: unknown option $arg (use --cpu-smoke or an output folder)" >&2; exit 2 ;;
     *) out="$arg" ;;
   esac

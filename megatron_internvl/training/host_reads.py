@@ -120,3 +120,15 @@ class HostReads:
         for mode in reversed(self._modes):
             mode.__exit__(*exc)
         self._modes = []
+
+
+def optimizer_host_tensors(optimizer) -> list:
+    """torch Adam's per-parameter step counts: host tensors even when training on CUDA (what
+    :class:`HostReads` is told to ignore on CPU); none for TE's or apex's FusedAdam."""
+    steps = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", opt)
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                steps.append(state["step"])
+    return steps

@@ -31,22 +31,12 @@ MICRO_BATCHES = 2
 # ---- rank side ------------------------------------------------------------------------------
 
 
-def _adam_steps(optimizer) -> list:
-    """torch Adam's per-parameter step counts: host tensors even when training on CUDA."""
-    steps = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in opt.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                steps.append(state["step"])
-    return steps
-
-
 def _step_reads(data_dir: str, llm_layers: int, vit_layers: int, max_tokens: int) -> dict:
     from megatron_internvl.config import load_config
     from megatron_internvl.data.build import build_data_loader, build_tokenizer
     from megatron_internvl.models.factory import build_model_chunks
     from megatron_internvl.parallel import distributed
-    from megatron_internvl.training.host_reads import HostReads
+    from megatron_internvl.training.host_reads import HostReads, optimizer_host_tensors
     from megatron_internvl.training.setup import build_optimizer
     from megatron_internvl.training.stages import apply_stage
     from megatron_internvl.training.step import train_step
@@ -65,7 +55,7 @@ def _step_reads(data_dir: str, llm_layers: int, vit_layers: int, max_tokens: int
         # The first step creates the optimizer state; the second is counted.
         for counted in (False, True):
             batches = [next(loader) for _ in range(MICRO_BATCHES)]
-            with HostReads(ignore=_adam_steps(optimizer)) as reads:
+            with HostReads(ignore=optimizer_host_tensors(optimizer)) as reads:
                 result = train_step(ddp, optimizer, scheduler, batches, dtype=torch.float32,
                                     num_datasets=1, fused_loss=fused)
             assert result.updated
