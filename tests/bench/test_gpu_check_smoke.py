@@ -16,7 +16,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     env.pop("OUT", None)
     proc = subprocess.run(["bash", "bench/gpu/run.sh", "--cpu-smoke", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     log = (out / "check.log").read_text()[-4000:] if (out / "check.log").exists() else ""
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log
 
