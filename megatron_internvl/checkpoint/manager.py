@@ -46,6 +46,12 @@ logger = logging.getLogger("megatron_internvl.checkpoint")
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def optimizer_parts(optimizer) -> int:
+    """How many optimizers megatron chained (dense, and experts when expert_parallel > 1): the
+    structure of the saved optimizer state."""
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _layout() -> dict:
     return {
         "tp": ps.get_tensor_model_parallel_world_size(),
@@ -226,7 +232,7 @@ class CheckpointManager:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=_OPTIM_METADATA)
         state.update(_per_rank_objects(data_state, with_rng=True, data_global=data_global))
         state["common"] = {"step": step, "scheduler": scheduler.state_dict(), "layout": _layout(),
-                           "data_global": data_global,
+                           "data_global": data_global, "optimizer_parts": optimizer_parts(optimizer),
                            **(common or {})}
         model_cfg = (common or {}).get("config", {}).get("model")
         publish = functools.partial(self._publish, tmp, target, model_cfg, time.monotonic())
@@ -402,6 +408,15 @@ class CheckpointManager:
                 f"checkpoint.finetune=true to start a new data stream from these weights (runs with "
                 f"data.shard_by=global, the default, resume at any DP size)"
             )
+        saved_parts = common.get("optimizer_parts")  # absent in checkpoints before it was recorded
+        if saved_parts is not None and saved_parts != optimizer_parts(optimizer):
+            raise CheckpointError(
+                f"{path} holds the optimizer state of {saved_parts} optimizer(s) and this run builds "
+                f"{optimizer_parts(optimizer)}: megatron keeps MoE experts in the dense optimizer at "
+                f"parallel.expert_parallel=1 and in one of their own above 1, and cannot map one onto the "
+                f"other. Resume with expert_parallel=1 on both sides or above 1 on both sides (any EP "
+                f"size above 1 reshards), or set checkpoint.finetune=true to take the weights with a "
+                f"fresh optimizer")
         prime_optimizer_state(optimizer)
         skip_torch_adam_step_on_load(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)

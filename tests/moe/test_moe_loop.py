@@ -1,7 +1,8 @@
 """A tiny Qwen3-MoE InternVL through the real training loop: the MoE record of metrics.jsonl
 (training/moe_metrics.py: router loss, per-layer expert load), the fused output-layer loss equal
-to the plain one, and the MPO stage from its checkpoint (the reference model is the policy at
-step 1: DPO = log 2). The metrics' values equal one process in every expert-parallel layout
+to the plain one, the checkpoint of one process at EP=2 (weights resharded; the optimizer state is
+refused by name: megatron chains a separate expert optimizer only above EP=1), and the MPO stage from its checkpoint (the reference model is the policy at step 1:
+DPO = log 2). The metrics' values equal one process in every expert-parallel layout
 (tests/moe/test_moe_training.py)."""
 
 import math
@@ -25,7 +26,13 @@ def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("moe-loop")
     data = build(work / "data")
     trainer = Trainer(data)
-    trainer(work / "plain", 1, *MOE, "checkpoint.save_interval=2")
+    trainer(work / "plain", 1, *MOE, "training.train_steps=3", "checkpoint.save_interval=2")
+    ep2 = ("training.train_steps=3", "parallel.expert_parallel=2", "checkpoint.save_interval=null",
+           f"checkpoint.load={work / 'plain' / 'checkpoints' / 'iter_0000002'}")
+    refused = trainer(work / "ep2-resume", 2, *MOE, *ep2, expect_rc=2)
+    (work / "ep2-refused.txt").write_text(refused.stderr)
+    trainer(work / "ep2", 2, *MOE, *ep2, "checkpoint.finetune=true", "training.train_steps=1")
+    trainer(work / "ep1-finetune", 1, *MOE, *ep2[2:], "checkpoint.finetune=true", "training.train_steps=1")
     trainer(work / "fused", 1, *MOE, "model.fused_loss=true", "checkpoint.save_interval=null")
     trainer(work / "mpo", 1, *MOE, f"data.meta_path={data / 'meta_mpo.json'}", "training.train_steps=1",
             f"checkpoint.load={work / 'plain' / 'checkpoints'}", "checkpoint.save_interval=null", recipe="mpo")
@@ -34,7 +41,7 @@ def runs(tmp_path_factory):
 
 def test_loop_logs_router_loss_and_expert_load(runs):
     records = step_records(runs / "plain")
-    assert sorted(records) == [1, 2]
+    assert sorted(records) == [1, 2, 3]
     for record in records.values():
         moe = record["moe"]
         assert moe["load_balancing_loss"] > 0 and "z_loss" not in moe  # z-loss off by default
@@ -49,6 +56,19 @@ def test_fused_output_layer_loss_equals_the_plain_one(runs):
         for key in ("loss", "grad_norm"):
             assert fused[step][key] == pytest.approx(plain[step][key], rel=1e-5), (step, key)
         assert fused[step]["moe"] == pytest.approx(plain[step]["moe"], rel=1e-5)
+
+
+def test_ep1_checkpoint_at_ep2(runs):
+    # Resuming the optimizer state across EP=1 / EP>1 is refused, naming the fix ...
+    refused = (runs / "ep2-refused.txt").read_text()
+    assert "expert_parallel=1" in refused and "checkpoint.finetune=true" in refused, refused[-2000:]
+    # ... and the weights reshard: a fine-tune from it at EP=2 (experts split over two ranks) takes
+    # the step of a fine-tune from it in one process.
+    ep2, single = step_records(runs / "ep2"), step_records(runs / "ep1-finetune")
+    assert sorted(ep2) == sorted(single) == [1]
+    for key in ("loss", "grad_norm"):
+        assert ep2[1][key] == pytest.approx(single[1][key], rel=1e-5), key
+    assert ep2[1]["moe"] == pytest.approx(single[1]["moe"], rel=1e-5)
 
 
 def test_mpo_from_the_moe_checkpoint(runs):
