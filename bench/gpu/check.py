@@ -380,9 +380,9 @@ def _packed_llm_input(vocab: int, device):
 
 
 def layer_grads(spec: str) -> dict:
-    """One LLM layer (embedding, layer, norm, output layer) in BF16 on the compute device against
-    the local spec in fp32 on the CPU with the same weights: logits and every gradient of one
-    packed THD micro-batch, relative L2."""
+    """One LLM layer (embedding, layer, norm, output layer) in BF16 against the local spec in fp32
+    (SDPA per sample) with the same weights, both on the compute device: logits and every
+    gradient of one packed THD micro-batch, relative L2."""
     import torch
     import torch.nn.functional as F
 
@@ -406,7 +406,7 @@ def layer_grads(spec: str) -> dict:
                              rope_theta=lang.rope_theta, max_sequence_length=lang.max_position_embeddings,
                              padded_vocab_size=model_padded_vocab_size(cfg.model, cfg.parallel))
 
-    reference = build("fp32")  # on the CPU
+    reference = build("fp32").to(device)
     cfg.model.spec = spec
     model = build("bf16").to(device)
     fused = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -428,12 +428,12 @@ def layer_grads(spec: str) -> dict:
         F.cross_entropy(logits, labels).backward()
         return logits.detach().cpu()
 
-    want, got = run(reference, torch.device("cpu")), run(model, device)
+    want, got = run(reference, device), run(model, device)
 
     def rel(a, b):
         return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
-    grads = {name: rel(params[t].grad.cpu(), p.grad) for name, p in reference.named_parameters()
+    grads = {name: rel(params[t].grad.cpu(), p.grad.cpu()) for name, p in reference.named_parameters()
              for t in [names[name]]}
     worst = max(grads, key=grads.get)
     return {"spec": spec, "device": str(device), "logits_rel_l2": rel(got, want), "grad_rel_l2": grads,
@@ -519,14 +519,14 @@ def _te_recipe(work: Path, ckpt: Path) -> Path:
     return recipe
 
 
-def te_resume(work: Path, ckpt: Path, logf, timeout: float) -> dict:
+def te_resume(work: Path, ckpt: Path, logf, timeout: float, spec: str = "te") -> dict:
     """converter output (CPU) -> the TE spec -> 20 BF16 steps with an async save at step 10 ->
     the process killed once that save is published -> the same command again (it resumes) ->
     losses of steps 11-20 bitwise those of an uninterrupted run."""
     from megatron_internvl import checkpoint as ckpt_lib
 
     recipe = _te_recipe(work, ckpt)
-    extra = ["model.spec=te", f"checkpoint.save_interval={RESUME_AT}", "checkpoint.async_save=true"]
+    extra = [f"model.spec={spec}", f"checkpoint.save_interval={RESUME_AT}", "checkpoint.async_save=true"]
     whole = _train(recipe, extra, RESUME_STEPS, work / "te-whole", logf, timeout)
     cut = work / "te-cut"
 
@@ -783,7 +783,7 @@ def summary_md(res: dict, smoke: bool) -> str:
             lines.append(f"- {name}: host reads per training step of {c['micro_batches']} micro-batches "
                          f"{c['reads_per_step']} (budget {c['budget_per_step']}), {'OK' if c['ok'] else 'FAIL'}")
         elif name.startswith("layer_grads"):
-            lines.append(f"- {name}: one layer BF16 on {c['device']} vs fp32 CPU: logits rel L2 "
+            lines.append(f"- {name}: one layer BF16 vs local fp32 on {c['device']}: logits rel L2 "
                          f"{c['logits_rel_l2']:.2e}, worst gradient {c['worst_grad']} "
                          f"{c['grad_rel_l2'][c['worst_grad']]:.2e} (limit {c['limit']:g}), {'OK' if c['ok'] else 'FAIL'}")
         elif name == "triton_ce":
