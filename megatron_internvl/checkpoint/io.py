@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedBase
+from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedTensorFactory
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from .layout import CheckpointError
@@ -70,6 +70,10 @@ def is_extra_state(key: str) -> bool:
 
 
 def _sharded_keys(tree) -> list[str]:
+    """The checkpoint keys a (nested) sharded state dict reads; a factory's are those it builds
+    (the ViT's TP padding trim is one: its per-layer keys come from the build)."""
+    if isinstance(tree, ShardedTensorFactory):
+        return _sharded_keys(tree.build())
     if isinstance(tree, ShardedBase):
         return [tree.key]
     if isinstance(tree, dict):
@@ -95,6 +99,17 @@ def _listed(keys, limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def _union_over_ranks(keys: set[str]) -> set[str]:
+    """The union of a set of keys over all ranks. Only key strings travel (layers stack under one
+    key, so a rank requests a few hundred model keys): megatron's own global check (``RETURN_ALL``)
+    would gather every rank's full shard metadata, the optimizer's included."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return keys
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, sorted(keys))
+    return {k for part in every for k in part}
+
+
 def load_sharded(request: dict, directory: str | os.PathLike, model_entries=("model",)) -> dict:
     """``dist_checkpointing.load`` that holds the model part to the portability contract above.
 
@@ -102,12 +117,17 @@ def load_sharded(request: dict, directory: str | os.PathLike, model_entries=("mo
     under the same components (``language_model.``, ``vision_model.``, ``projector.``) that no rank
     asked for are reported. Everything else in the checkpoint (optimizer, RNG, data state) may be
     left unread. A collective: every rank calls it with its own part of the request."""
-    model_keys = [k for e in model_entries if e in request for k in _sharded_keys(request[e])]
-    components = {k.split(".", 1)[0] + "." for k in model_keys}
-    loaded, unread, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_ALL)
-    # megatron's names: "missing" = in the checkpoint, not requested; "unexpected" = the reverse.
-    lacking = sorted(k for k in absent if not is_extra_state(k))
-    surplus = sorted(k for k in unread if k.startswith(tuple(components)) and not is_extra_state(k))
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    model_keys = {k for e in model_entries if e in request for k in _sharded_keys(request[e])}
+    wanted = _union_over_ranks(model_keys)
+    components = tuple({k.split(".", 1)[0] + "." for k in wanted})
+    in_checkpoint = {v.key for v in load_sharded_metadata(str(directory)).values()}
+    # megatron's "unexpected": requested here, not in the checkpoint (dropped from the request).
+    loaded, _, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_UNEXPECTED)
+    # Every rank learns what any rank lacks, so all of them stop (no rank left waiting in a collective).
+    lacking = sorted(_union_over_ranks({k for k in absent if not is_extra_state(k)}))
+    surplus = sorted(k for k in in_checkpoint - wanted if k.startswith(components) and not is_extra_state(k))
     if lacking or surplus:
         parts = []
         if lacking:
@@ -118,7 +138,7 @@ def load_sharded(request: dict, directory: str | os.PathLike, model_entries=("mo
             f"{directory} does not fit this model: {'; '.join(parts)}. Checkpoints move between the "
             f"local and Transformer Engine specs (only TE's _extra_state differs); other differences "
             f"mean another model shape or architecture: compare model.* with the checkpoint's model.yaml")
-    _restore_absent_as_none(request, loaded, set(absent) - set(lacking))
+    _restore_absent_as_none(request, loaded, set(absent))
     return loaded
 
 

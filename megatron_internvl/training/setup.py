@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_internvl import checkpoint as ckpt
+from megatron_internvl.checkpoint.optimizer_compat import adam_class_name
 from megatron_internvl.config import Config, save_config
 from megatron_internvl.config.loader import config_to_dict
 from megatron_internvl.data.balance import CostModel
@@ -121,6 +122,8 @@ def build_optimizer(config: Config, chunks):
         if mult != 1.0:
             overrides[ParamKey(name=pattern)] = {"max_lr": o.lr * mult, "min_lr": o.min_lr * mult}
     optimizer = get_megatron_optimizer(opt_config, ddp, config_overrides=overrides)
+    if torch.distributed.get_rank() == 0:
+        logger.info("optimizer: %s", adam_class_name())  # TE's / apex's FusedAdam, else torch's
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_steps, lr_decay_steps=t.train_steps,

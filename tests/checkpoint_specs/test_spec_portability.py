@@ -29,7 +29,8 @@ COMMON = ["data.synthetic.enabled=true", "data.synthetic.sample_tokens=64", "dat
 
 
 def train(run_dir, standins, *overrides, expect_rc=0) -> dict:
-    """One process of the training entry point with the stand-ins installed; what set_extra_state saw."""
+    """One process of the training entry point with the stand-ins installed; what set_extra_state
+    saw, and under "log" the process's log."""
     report = Path(run_dir).with_suffix(".restored.json")
     cmd = [sys.executable, str(HERE / "train_with_standins.py"), ",".join(standins) or "-",
            str(ROOT / "examples" / "tiny" / "full.yaml"), f"logging.run_dir={run_dir}", *COMMON, *overrides]
@@ -41,7 +42,7 @@ def train(run_dir, standins, *overrides, expect_rc=0) -> dict:
         kill_tree(proc.pid)
         raise
     assert proc.returncode == expect_rc, f"exit {proc.returncode}\n{err[-4000:]}"
-    return json.loads(report.read_text())
+    return {**json.loads(report.read_text()), "log": err}
 
 
 def losses(run_dir) -> dict:
@@ -67,6 +68,7 @@ def test_resume_across_specs_and_adams_is_bitwise(chain):
     # local -> stand-in: the core attention's extra state is absent from the checkpoint (None
     # restored), the linears' is megatron's local None; torch Adam's state -> FusedAdam's layout.
     assert te_restored.get("none", 0) > 0 and "fp8" not in te_restored, te_restored
+    assert "optimizer: standins.FusedAdam" in te_restored["log"]  # what megatron-core built
     got = losses(te)
     assert sorted(got) == [3, 4] and all(got[s] == ref[s] for s in (3, 4)), (got, ref)
 
