@@ -519,14 +519,15 @@ def _te_recipe(work: Path, ckpt: Path) -> Path:
     return recipe
 
 
-def te_resume(work: Path, ckpt: Path, logf, timeout: float, spec: str = "te") -> dict:
+def te_resume(work: Path, ckpt: Path, logf, timeout: float, spec: str = "te", precision: str = "bf16") -> dict:
     """converter output (CPU) -> the TE spec -> 20 BF16 steps with an async save at step 10 ->
     the process killed once that save is published -> the same command again (it resumes) ->
     losses of steps 11-20 bitwise those of an uninterrupted run."""
     from megatron_internvl import checkpoint as ckpt_lib
 
     recipe = _te_recipe(work, ckpt)
-    extra = [f"model.spec={spec}", f"checkpoint.save_interval={RESUME_AT}", "checkpoint.async_save=true"]
+    extra = [f"model.spec={spec}", f"training.precision={precision}", f"checkpoint.save_interval={RESUME_AT}",
+             "checkpoint.async_save=true"]
     whole = _train(recipe, extra, RESUME_STEPS, work / "te-whole", logf, timeout)
     cut = work / "te-cut"
 
