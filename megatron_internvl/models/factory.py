@@ -41,8 +41,8 @@ def _init_methods(initialize: bool) -> dict:
 
 
 def gradient_accumulation_fusion() -> bool:
-    """Whether each linear's weight-gradient GEMM accumulates straight into megatron DDP's fp32
-    ``main_grad`` (no separate gradient tensor and add). TE's linears do it natively; megatron's
+    """Whether each linear's weight-gradient GEMM can accumulate straight into megatron DDP's fp32
+    ``main_grad`` (no separate gradient tensor and add); used for chunks trained under DDP. TE's linears do it natively; megatron's
     local linears (every linear of the local spec, the output layer and projector of both) need
     apex's ``fused_weight_gradient_mlp_cuda`` extension, which NGC PyTorch containers ship, and
     megatron refuses the flag without it. So: on CUDA, where that extension is importable."""
@@ -50,7 +50,7 @@ def gradient_accumulation_fusion() -> bool:
 
 
 def language_transformer_config(model, parallel, precision: str = "fp32",
-                                initialize: bool = True) -> TransformerConfig:
+                                initialize: bool = True, under_ddp: bool = False) -> TransformerConfig:
     lang = model.language
     dtype = _DTYPES[precision]
     te = use_transformer_engine(model.spec)
@@ -105,7 +105,7 @@ def language_transformer_config(model, parallel, precision: str = "fp32",
         bias_dropout_fusion=te,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,  # float (V2PE) positions: megatron's unfused per-token path
-        gradient_accumulation_fusion=gradient_accumulation_fusion(),
+        gradient_accumulation_fusion=under_ddp and gradient_accumulation_fusion(),
         persist_layer_norm=False,
         **kwargs,
     )
@@ -135,8 +135,8 @@ def moe_kwargs(lang, parallel, te: bool) -> dict:
 
 
 def build_language_model(model, parallel, precision="fp32", pre_process=True, post_process=True,
-                         vp_stage=None, initialize: bool = True) -> LanguageModel:
-    config = language_transformer_config(model, parallel, precision, initialize)
+                         vp_stage=None, initialize: bool = True, under_ddp: bool = False) -> LanguageModel:
+    config = language_transformer_config(model, parallel, precision, initialize, under_ddp)
     return LanguageModel(
         config,
         decoder_layer_spec(model.spec, qk_norm=model.language.qk_norm,
@@ -159,7 +159,7 @@ def model_padded_vocab_size(model, parallel) -> int:
 
 
 def vision_transformer_config(model, parallel, precision: str = "fp32",
-                              initialize: bool = True) -> TransformerConfig:
+                              initialize: bool = True, under_ddp: bool = False) -> TransformerConfig:
     vis = model.vision
     dtype = _DTYPES[precision]
     tp = parallel.tensor_parallel
@@ -204,37 +204,39 @@ def vision_transformer_config(model, parallel, precision: str = "fp32",
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=gradient_accumulation_fusion(),
+        gradient_accumulation_fusion=under_ddp and gradient_accumulation_fusion(),
         persist_layer_norm=False,
         **kwargs,
     )
 
 
-def build_vision_model(model, parallel, precision="fp32", initialize: bool = True) -> InternViT:
-    config = vision_transformer_config(model, parallel, precision, initialize)
+def build_vision_model(model, parallel, precision="fp32", initialize: bool = True,
+                       under_ddp: bool = False) -> InternViT:
+    config = vision_transformer_config(model, parallel, precision, initialize, under_ddp)
     return InternViT(config, vision_layer_spec(model.spec, model.vision),
                      model.vision.image_size, model.vision.patch_size)
 
 
 def build_internvl_model(model, parallel, precision="fp32", pre_process=True, post_process=True,
-                         vp_stage=None, initialize: bool = True) -> InternVLModel:
+                         vp_stage=None, initialize: bool = True, under_ddp: bool = False) -> InternVLModel:
     """The model chunk of this pipeline stage (vision tower + projector on the first one).
 
     ``initialize=False`` skips drawing the initial weights when every tensor is about to be
-    loaded: minutes per rank for the largest models."""
+    loaded: minutes per rank for the largest models. ``under_ddp``: trained inside megatron's
+    DDP, whose ``main_grad`` buffers gradient-accumulation fusion writes into."""
     model.validate()
     logger.info("model.spec=%s: %s", model.spec, describe_spec(model.spec))
     # Each independently placed piece in its own RNG scope: same weights in every layout.
     with init_rng_scope("language_model"):
         language = build_language_model(model, parallel, precision, pre_process, post_process, vp_stage,
-                                        initialize)
+                                        initialize, under_ddp)
     if post_process and initialize:
         redraw_column_parallel_weight(language.output_layer, "language_model.output_layer",
                                       language.config.init_method_std, rows=model.language.vocab_size)
     vision = projector = None
     if pre_process:
         with init_rng_scope("vision_model"):
-            vision = build_vision_model(model, parallel, precision, initialize)
+            vision = build_vision_model(model, parallel, precision, initialize, under_ddp)
         scale = round(1 / model.downsample_ratio)
         with init_rng_scope("projector"):
             projector = Projector(language.config, model.vision.hidden_size * scale * scale,
@@ -243,9 +245,10 @@ def build_internvl_model(model, parallel, precision="fp32", pre_process=True, po
                          model.downsample_ratio)
 
 
-def build_model_chunks(config, initialize: bool = True) -> list:
+def build_model_chunks(config, initialize: bool = True, under_ddp: bool = False) -> list:
     """This rank's model chunks (one, or one per virtual pipeline stage) on the compute device,
-    for the whole run's config. ``initialize=False`` when a checkpoint will overwrite every weight."""
+    for the whole run's config. ``initialize=False`` when a checkpoint will overwrite every weight;
+    ``under_ddp`` for chunks that megatron's DDP will wrap for training."""
     from megatron.core import parallel_state as ps
 
     from megatron_internvl.parallel.distributed import compute_device
@@ -258,6 +261,6 @@ def build_model_chunks(config, initialize: bool = True) -> list:
             config.model, config.parallel, config.training.precision,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage, initialize=initialize,
+            vp_stage=vp_stage, initialize=initialize, under_ddp=under_ddp,
         ).to(compute_device()))
     return chunks

@@ -211,7 +211,7 @@ def setup(config: Config) -> TrainingRun:
     config.data.pad_to_multiple = pack_pad_multiple(config)
 
     source, resuming = find_checkpoint(config, save_dir)
-    chunks = build_model_chunks(config, initialize=source is None)
+    chunks = build_model_chunks(config, initialize=source is None, under_ddp=True)
     trainable = trainable_components(apply_stage(chunks, t))
     if source is None:
         init_components(config, chunks)

@@ -25,10 +25,18 @@ def test_decision(monkeypatch, cuda, extension, expected):
     assert factory.gradient_accumulation_fusion() is expected
 
 
-def test_both_towers_take_the_decision(monkeypatch):
+def test_both_towers_take_the_decision_when_trained_under_ddp(monkeypatch):
+    """Only chunks megatron's DDP wraps (training/setup.py) have main_grad buffers to fuse into;
+    converters, the MPO reference, evaluation and benches build without it."""
     config = load_config(str(ROOT / "examples" / "tiny" / "full.yaml"), ["model.spec=local"])
     for decided in (True, False):
         monkeypatch.setattr(factory, "gradient_accumulation_fusion", lambda: decided)
-        lang = factory.language_transformer_config(config.model, config.parallel)
-        vis = factory.vision_transformer_config(config.model, config.parallel)
-        assert lang.gradient_accumulation_fusion is decided and vis.gradient_accumulation_fusion is decided
+        for under_ddp in (True, False):
+            lang = factory.language_transformer_config(config.model, config.parallel, under_ddp=under_ddp)
+            vis = factory.vision_transformer_config(config.model, config.parallel, under_ddp=under_ddp)
+            want = decided and under_ddp
+            assert lang.gradient_accumulation_fusion is want and vis.gradient_accumulation_fusion is want
+    import inspect
+
+    from megatron_internvl.training import setup
+    assert "build_model_chunks(config, initialize=source is None, under_ddp=True)" in inspect.getsource(setup.setup)
