@@ -264,3 +264,48 @@ def test_video_frames_from_container_metadata(tmp_path, monkeypatch):
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     with pytest.raises(video.VideoDecodeError):
         media.video_frames(str(tmp_path / "bad.mp4"), rng=None)
+
+
+class HeaderRead(BaseException):
+    """Not an Exception: the sample builder would turn one into a skip."""
+
+
+class NoHeaders(FakeMedia):
+    def image_tiles(self, path, **kw):
+        raise HeaderRead(f"header read of {path} with an index")
+
+    video_frames = image_tiles
+
+
+class CountingIndexed(FakeMedia):
+    def __init__(self, image_size):
+        super().__init__(image_size)
+        self.decoded = []
+
+    def image_tiles(self, path, **kw):
+        self.decoded.append(os.path.basename(path))
+        return super().image_tiles(path, **kw)
+
+    def header_only(self):
+        return NoHeaders(self.image_size)
+
+
+def test_indexed_reader_reads_no_metadata_and_decodes_only_its_packs(toy, tmp_path, monkeypatch):
+    meta, tok, _ = toy
+    out = str(tmp_path / "idx")
+    build_index(_cfg(meta, tok), out, media=HeaderFake(8))
+    cfg = _cfg(meta, tok, index_path=out)
+
+    def no_scan(self, path):
+        raise AssertionError(f"{path} scanned for line offsets with an index")
+
+    monkeypatch.setattr(JsonlFile, "__init__", no_scan)
+    ranks = [build_data_loader(cfg, dp_rank=r, dp_size=2, media_loader=CountingIndexed(8), packs_per_step=G)
+             for r in range(2)]
+    one = build_data_loader(cfg, media_loader=CountingIndexed(8), packs_per_step=G)
+    for _ in range(4):
+        mine = [next(L) for L in ranks for _ in range(G // 2)]
+        assert sorted(tuple(b["sample_keys"]) for b in mine) == sorted(tuple(next(one)["sample_keys"]) for _ in range(G))
+    # every pack decoded once over the ranks, as in one process: no rank decodes another's media
+    assert sorted(ranks[0].builder.media.decoded + ranks[1].builder.media.decoded) == sorted(one.builder.media.decoded)
+    assert ranks[0].builder.media.decoded and ranks[1].builder.media.decoded
