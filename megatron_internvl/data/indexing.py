@@ -295,7 +295,12 @@ def main(argv=None) -> int:
                      min_dynamic_patch=args.min_dynamic_patch, use_thumbnail=not args.no_thumbnail,
                      num_video_frames=args.num_video_frames, max_tokens=args.max_tokens,
                      max_tiles=args.max_tiles, pad_to_multiple=1)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except SampleIndexError:
+        raise
+    except ValueError as e:   # a setting out of range: one line, like the other input errors
+        raise SampleIndexError(str(e)) from None
     report = build_index(cfg, args.out, workers=args.workers, shard=args.shard,
                          chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))))
     print(json.dumps(report, sort_keys=True))
