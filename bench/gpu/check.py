@@ -347,7 +347,7 @@ def host_syncs(spec: str, work: Path) -> dict:
                                         f"model.language.num_layers={llm}", f"model.vision.num_layers={vit}",
                                         f"training.precision={precision}", "data.max_tokens=1024"])
         distributed.initialize(cfg.parallel, seed=cfg.training.seed)
-        chunks = build_model_chunks(cfg)
+        chunks = build_model_chunks(cfg, under_ddp=True)  # as training builds them
         apply_stage(chunks, cfg.training)
         ddp, optimizer, scheduler = build_optimizer(cfg, chunks)
         loader = build_data_loader(cfg.data, build_tokenizer(cfg.data))
@@ -400,8 +400,7 @@ def layer_grads(spec: str) -> dict:
     vocab = lang.vocab_size
 
     def build(precision):
-        config = language_transformer_config(cfg.model, cfg.parallel, precision)
-        config.gradient_accumulation_fusion = False  # no DDP here: no main_grad to accumulate into
+        config = language_transformer_config(cfg.model, cfg.parallel, precision)  # no DDP: no main_grad
         return LanguageModel(config, decoder_layer_spec(cfg.model.spec), vocab_size=vocab,
                              rope_theta=lang.rope_theta, max_sequence_length=lang.max_position_embeddings,
                              padded_vocab_size=model_padded_vocab_size(cfg.model, cfg.parallel))

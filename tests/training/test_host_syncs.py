@@ -46,7 +46,7 @@ def _step_reads(data_dir: str, llm_layers: int, vit_layers: int, max_tokens: int
         "model.spec=local", f"model.language.num_layers={llm_layers}",
         f"model.vision.num_layers={vit_layers}", f"data.max_tokens={max_tokens}"])
     distributed.initialize(cfg.parallel, seed=cfg.training.seed)
-    chunks = build_model_chunks(cfg)
+    chunks = build_model_chunks(cfg, under_ddp=True)  # as training builds them
     apply_stage(chunks, cfg.training)
     ddp, optimizer, scheduler = build_optimizer(cfg, chunks)
     loader = build_data_loader(cfg.data, build_tokenizer(cfg.data))
