@@ -1,6 +1,6 @@
 """`megatron-internvl generate` (TP=2, TP=1) produces exactly transformers' greedy token ids on the same
-tiny random checkpoint: a Qwen2 backbone with two images, an InternLM2 (remote-code layout) backbone
-with one image, whose transformers reference is the Llama model it was written from."""
+tiny random checkpoint, with one image and with several: a Qwen2 backbone, and an InternLM2
+(remote-code layout) backbone whose transformers reference is the Llama model it was written from."""
 
 import json
 import os
@@ -44,9 +44,12 @@ def _run(cmd, nproc=1):
     return out
 
 
-@pytest.mark.parametrize("backbone,images,tp", [("qwen2", ["china_wide.jpg", "flower_tall.jpg"], 2),
-                                                ("internlm2", ["grace_hopper_full.jpg"], 1)])
-def test_generate_equals_transformers_greedy(val_data, tmp_path, backbone, images, tp):
+@pytest.mark.parametrize("backbone,runs", [
+    ("qwen2", [(["china_wide.jpg", "flower_tall.jpg"], 2), (["grace_hopper_full.jpg"], 1)]),
+    ("internlm2", [(["grace_hopper_full.jpg"], 1), (["flower_tall.jpg", "china_wide.jpg"], 1)]),
+])
+def test_generate_equals_transformers_greedy(val_data, tmp_path, backbone, runs):
+    """``runs``: (images, TP size) of each generate call on the backbone's checkpoint."""
     from transformers import GenerationConfig
 
     from megatron_internvl.convert.checkpoint import read_model_config
@@ -62,24 +65,26 @@ def test_generate_equals_transformers_greedy(val_data, tmp_path, backbone, image
         (remote / "added_tokens.json").write_text(json.dumps({"<IMG_CONTEXT>": 5}))
         hf = remote
     _run(CONVERT + ["import", "--hf-dir", hf, "--out", ckpt, "--dtype", "fp32"])
-    paths = [val_data / "images" / name for name in images]
-    cmd = [sys.executable, "-m", "megatron_internvl.cli", "generate", ckpt, "--prompt", "What is shown?",
-           "--tokenizer", val_data / "tokenizer.json", "--max-new-tokens", NEW_TOKENS, "--max-tiles", 4,
-           "--precision", "fp32", "--ids"]
-    for p in paths:
-        cmd += ["--image", p]
-    out = _run(cmd, nproc=tp)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-
     tok = load_tokenizer(str(val_data / "tokenizer.json"))
-    inputs = prompt_inputs(tok, read_model_config(ckpt), [str(p) for p in paths], "What is shown?", max_tiles=4)
-    ids = inputs["input_ids"]
-    assert result["prompt_ids"] == ids[0].tolist()
-    assert (ids == 5).sum() == inputs["pixel_values"].shape[0] * 4 and len(paths) == int((ids == tok.img_start_id).sum())
-    with torch.no_grad():
-        expected = reference.generate(input_ids=ids, pixel_values=inputs["pixel_values"],
-                                      attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
-                                          do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=stop_ids(tok),
-                                          pad_token_id=0))
-    assert result["new_ids"] == expected[0, ids.shape[1]:].tolist()
-    assert len(set(result["new_ids"])) > 1, "a degenerate answer would not test much"
+    for images, tp in runs:
+        paths = [val_data / "images" / name for name in images]
+        cmd = [sys.executable, "-m", "megatron_internvl.cli", "generate", ckpt, "--prompt", "What is shown?",
+               "--tokenizer", val_data / "tokenizer.json", "--max-new-tokens", NEW_TOKENS, "--max-tiles", 4,
+               "--precision", "fp32", "--ids"]
+        for p in paths:
+            cmd += ["--image", p]
+        out = _run(cmd, nproc=tp)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+
+        inputs = prompt_inputs(tok, read_model_config(ckpt), [str(p) for p in paths], "What is shown?", max_tiles=4)
+        ids = inputs["input_ids"]
+        assert result["prompt_ids"] == ids[0].tolist()
+        assert (ids == 5).sum() == inputs["pixel_values"].shape[0] * 4
+        assert len(paths) == int((ids == tok.img_start_id).sum())
+        with torch.no_grad():
+            expected = reference.generate(input_ids=ids, pixel_values=inputs["pixel_values"],
+                                          attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
+                                              do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=stop_ids(tok),
+                                              pad_token_id=0))
+        assert result["new_ids"] == expected[0, ids.shape[1]:].tolist(), images
+        assert len(set(result["new_ids"])) > 1, "a degenerate answer would not test much"
