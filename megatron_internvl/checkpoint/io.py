@@ -99,15 +99,16 @@ def _listed(keys, limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _union_over_ranks(keys: set[str]) -> set[str]:
-    """The union of a set of keys over all ranks. Only key strings travel (layers stack under one
-    key, so a rank requests a few hundred model keys): megatron's own global check (``RETURN_ALL``)
-    would gather every rank's full shard metadata, the optimizer's included."""
+def _union_over_ranks(*key_sets: set[str]) -> list[set[str]]:
+    """The union over all ranks of each of a few sets of keys, in one collective. Only key strings
+    travel (layers stack under one key, so a rank requests a few hundred model keys): megatron's
+    own global check (``RETURN_ALL``) would gather every rank's full shard metadata, the
+    optimizer's included."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return keys
+        return [set(keys) for keys in key_sets]
     every = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, sorted(keys))
-    return {k for part in every for k in part}
+    torch.distributed.all_gather_object(every, [sorted(keys) for keys in key_sets])
+    return [{k for part in every for k in part[i]} for i in range(len(key_sets))]
 
 
 def load_sharded(request: dict, directory: str | os.PathLike, model_entries=("model",)) -> dict:
@@ -120,13 +121,12 @@ def load_sharded(request: dict, directory: str | os.PathLike, model_entries=("mo
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     model_keys = {k for e in model_entries if e in request for k in _sharded_keys(request[e])}
-    wanted = _union_over_ranks(model_keys)
-    components = tuple({k.split(".", 1)[0] + "." for k in wanted})
     in_checkpoint = {v.key for v in load_sharded_metadata(str(directory)).values()}
-    # megatron's "unexpected": requested here, not in the checkpoint (dropped from the request).
-    loaded, _, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_UNEXPECTED)
-    # Every rank learns what any rank lacks, so all of them stop (no rank left waiting in a collective).
-    lacking = sorted(_union_over_ranks({k for k in absent if not is_extra_state(k)}))
+    # Requested here, not in the checkpoint (megatron drops them from the request). Every rank
+    # learns what any rank lacks before any reads, so all of them stop together.
+    absent_here = {k for k in _sharded_keys(request) if k not in in_checkpoint and not is_extra_state(k)}
+    wanted, lacking = _union_over_ranks(model_keys, absent_here)
+    components = tuple({k.split(".", 1)[0] + "." for k in wanted})
     surplus = sorted(k for k in in_checkpoint - wanted if k.startswith(components) and not is_extra_state(k))
     if lacking or surplus:
         parts = []
@@ -138,6 +138,8 @@ def load_sharded(request: dict, directory: str | os.PathLike, model_entries=("mo
             f"{directory} does not fit this model: {'; '.join(parts)}. Checkpoints move between the "
             f"local and Transformer Engine specs (only TE's _extra_state differs); other differences "
             f"mean another model shape or architecture: compare model.* with the checkpoint's model.yaml")
+    # megatron's "unexpected": requested, not in the checkpoint -- here only TE's _extra_state.
+    loaded, _, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_UNEXPECTED)
     _restore_absent_as_none(request, loaded, set(absent))
     return loaded
 

@@ -129,8 +129,7 @@ def initialize(parallel, seed: int = 1234) -> LaunchEnv:
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     parallel.validate_world_size(launch.world_size)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    _destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
@@ -143,10 +142,28 @@ def initialize(parallel, seed: int = 1234) -> LaunchEnv:
     return launch
 
 
-def destroy() -> None:
+def _destroy_model_parallel() -> None:
+    """Forget megatron's groups and close them.
+
+    ``parallel_state.destroy_model_parallel`` only drops megatron's references; each gloo group
+    keeps its threads (three per group) and sockets until it is destroyed, so a process that
+    re-initialises for several layouts in turn (converters, evaluation, tests) would pile up
+    hundreds of idle threads per layout. Every group but the default one is megatron's or was
+    derived from its layout, so all of them go.
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        from torch.distributed.distributed_c10d import GroupMember, _world
+
+        for group in list(_world.pg_map):
+            if group is not GroupMember.WORLD:
+                torch.distributed.destroy_process_group(group)
+
+
+def destroy() -> None:
+    _destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
