@@ -47,7 +47,7 @@ COMPLETE = "complete.json"
 _HF_KEEP_SUFFIXES = (".json", ".py", ".model", ".txt", ".tiktoken", ".jinja", ".md")
 _HF_SKIP = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Model fields that may change between a checkpoint and a resume (they do not change weights).
-_RESUMABLE_MODEL_FIELDS = {"spec", "recompute", "fused_loss", "vision.drop_path_rate"}
+_RESUMABLE_MODEL_FIELDS = {"spec", "flash_attention", "recompute", "fused_loss", "vision.drop_path_rate"}
 
 
 class CheckpointError(InternVLError, RuntimeError):

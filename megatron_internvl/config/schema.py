@@ -96,6 +96,9 @@ class ModelConfig:
     # Output layer + cross-entropy chunk by chunk, never holding the [tokens, vocab/TP] logits
     # (megatron_internvl.kernels.fused_linear_ce); false: megatron's vocab-parallel CE on logits.
     fused_loss: bool = True
+    # The local spec's flash kernels on CUDA (models/flash.py): auto = FlashAttention-3 where the
+    # GPU is Hopper and FA3 is installed, else PyTorch's default (FA2); fa3 = required; default.
+    flash_attention: str = "auto"
 
     def validate(self) -> None:
         if self.vision.norm not in ("layernorm", "rmsnorm"):
@@ -121,6 +124,8 @@ class ModelConfig:
             )
         if self.spec not in ("auto", "te", "local"):
             raise ConfigError(f"model.spec={self.spec!r}: use 'auto', 'te' or 'local'")
+        if self.flash_attention not in ("auto", "fa3", "default"):
+            raise ConfigError(f"model.flash_attention={self.flash_attention!r}: use 'auto', 'fa3' or 'default'")
         if self.recompute not in ("none", "full", "selective"):
             raise ConfigError(f"model.recompute={self.recompute!r}: use 'none', 'full' or 'selective'")
         lang = self.language

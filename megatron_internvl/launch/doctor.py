@@ -2,8 +2,10 @@
 
 Versions (torch, CUDA, cuDNN, NCCL, Transformer Engine, DALI, Triton, transformers,
 megatron-core), the GPU and its dense BF16 peak, the layer spec ``model.spec`` picks, the
-attention kernels, the Adam class megatron-core builds, the image decoder, then warnings for
-combinations known to fail or to be slow. Nothing here changes the process beyond importing.
+attention kernels and the flash implementation ``model.flash_attention`` activates (FA3 or
+PyTorch's default, and why), the Adam class megatron-core builds, the image decoder, then
+warnings for combinations known to fail or to be slow. Nothing here changes the process beyond
+importing (FA3's kernel module included: importing it activates nothing).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
+
+from megatron_internvl.models import flash
 
 # Distribution names, first found wins (TE and DALI ship per-CUDA wheels).
 DISTRIBUTIONS = {
@@ -42,8 +46,9 @@ class Environment:
     driver_cuda: tuple | None = None  # the newest CUDA the driver supports, (major, minor)
     gpu: str | None = None
     gpu_capability: tuple | None = None
-    flash_impls: tuple = ()  # torch's registered flash-attention implementations
+    flash_impls: tuple | None = ()  # torch's registered flash-attention implementations; None: no registry
     flash_active: str | None = None
+    fa3_kernels_error: str | None = None  # why FA3's kernels do not load (None: they do)
 
 
 def _version(names) -> tuple[str | None, str | None]:
@@ -80,13 +85,11 @@ def gather() -> Environment:
         env.gpu = torch.cuda.get_device_name()
         env.gpu_capability = torch.cuda.get_device_capability()
         env.driver_cuda = _driver_cuda()
-    try:
-        from torch.nn import attention
-
-        env.flash_impls = tuple(attention.list_flash_attention_impls())
-        env.flash_active = attention.current_flash_attention_impl()
-    except (ImportError, AttributeError):
-        pass
+    impls = flash.registered_impls()
+    env.flash_impls = None if impls is None else tuple(impls)
+    env.flash_active = flash.active_impl()
+    if env.gpu_capability and env.gpu_capability[0] == 9 and flash.FA3 in (impls or ()):
+        env.fa3_kernels_error = flash.fa3_kernels_error()
     return env
 
 
@@ -95,7 +98,7 @@ def _torch_version(text: str | None) -> tuple:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
-def warnings_for(env: Environment, te_spec: bool) -> list[str]:
+def warnings_for(env: Environment, te_spec: bool, flash_attention: str = "auto") -> list[str]:
     """Known-bad combinations, each with what to do."""
     out = []
     if env.gpu and not te_spec and _torch_version(env.versions.get("torch")) < LOCAL_GPU_TORCH:
@@ -107,15 +110,30 @@ def warnings_for(env: Environment, te_spec: bool) -> list[str]:
         out.append(f"{env.dali_wheel} needs a CUDA {wheel_cuda} driver, this one supports CUDA "
                    f"{env.driver_cuda[0]}.{env.driver_cuda[1]}: install nvidia-dali-cuda{env.driver_cuda[0]}0 "
                    f"instead, or keep data.image_backend=pil")
-    if (env.gpu and not te_spec and env.gpu_capability and env.gpu_capability[0] == 9
-            and env.flash_active is None and "FA3" in env.flash_impls):
-        out.append("Hopper GPU with PyTorch's default varlen_attn kernel (FlashAttention 2), which is slow "
-                   "there: torch lists FA3 but none is active; where FA3's kernels are installed, activate "
-                   "them (torch.nn.attention.activate_flash_attention_impl('FA3')), or use Transformer Engine")
+    try:
+        plan = flash_plan(env, te_spec, flash_attention)
+    except flash.FlashAttentionUnavailable as exc:
+        out.append(f"training will stop: {exc}")
+    else:
+        if (plan.impl is None and flash_attention == "auto" and not te_spec and env.gpu_capability
+                and env.gpu_capability[0] == 9 and env.fa3_kernels_error):
+            out.append(f"Hopper GPU on PyTorch's default flash kernels (FlashAttention 2), slow there: torch "
+                       f"lists FA3 but its kernels are missing ({env.fa3_kernels_error}); {flash.FA3_INSTALL}, "
+                       f"or use Transformer Engine")
     return out
 
 
-def report(env: Environment | None = None, spec: str = "auto", image_backend: str = "pil") -> dict:
+def flash_plan(env: Environment, te_spec: bool, flash_attention: str = "auto"):
+    """What a model build on this machine activates (models/flash.py's table over ``env``)."""
+    if env.flash_active == flash.FA3 and flash_attention != "default" and not te_spec:
+        return flash.FlashPlan(flash.FA3, "already active in this process")
+    return flash.choose(flash_attention, te_spec, env.gpu_capability if env.gpu else None,
+                        None if env.flash_impls is None else list(env.flash_impls),
+                        lambda: env.fa3_kernels_error, env.versions.get("torch"))
+
+
+def report(env: Environment | None = None, spec: str = "auto", image_backend: str = "pil",
+           flash_attention: str = "auto") -> dict:
     """Everything ``doctor`` prints, as a dict (the GPU check records it)."""
     from megatron_internvl.checkpoint.optimizer_compat import adam_class_name
     from megatron_internvl.models.attention import describe_backends
@@ -127,7 +145,11 @@ def report(env: Environment | None = None, spec: str = "auto", image_backend: st
     versions = dict(env.versions)
     versions.update(cuda=env.cuda, cudnn=env.cudnn, nccl=env.nccl)
     if env.gpu:
-        varlen = f"varlen_attn kernel: {env.flash_active or 'PyTorch default (FA2)'}"
+        try:
+            kernels = flash_plan(env, te_spec, flash_attention).describe()
+        except flash.FlashAttentionUnavailable:
+            kernels = "none: model.flash_attention=fa3 cannot run here (see the warnings)"
+        varlen = f"flash kernels (model.flash_attention={flash_attention}): {kernels}"
     else:
         varlen = "no CUDA: SDPA per sample (CPU)"
     if image_backend == "dali":
@@ -145,7 +167,7 @@ def report(env: Environment | None = None, spec: str = "auto", image_backend: st
                       else f"{describe_backends()}; {varlen}"),
         "optimizer": adam_class_name(),
         "image_decoder": decoder,
-        "warnings": warnings_for(env, te_spec),
+        "warnings": warnings_for(env, te_spec, flash_attention),
     }
 
 
@@ -165,16 +187,17 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="megatron-internvl doctor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", nargs="?", help="read model.spec and data.image_backend from this recipe")
+    p.add_argument("recipe", nargs="?",
+                   help="read model.spec, model.flash_attention and data.image_backend from this recipe")
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     args = p.parse_args(argv)
-    spec, backend = "auto", "pil"
+    spec, backend, flash_attention = "auto", "pil", "auto"
     if args.recipe:
         from megatron_internvl.config import load_config
 
         config = load_config(args.recipe, [])
-        spec, backend = config.model.spec, config.data.image_backend
-    facts = report(spec=spec, image_backend=backend)
+        spec, backend, flash_attention = config.model.spec, config.data.image_backend, config.model.flash_attention
+    facts = report(spec=spec, image_backend=backend, flash_attention=flash_attention)
     print(json.dumps(facts, indent=1) if args.json else format_report(facts))
     return 0
 

@@ -15,6 +15,10 @@ The kernel is chosen per call by :func:`select_backend` from the device and dtyp
 | packed THD (LLM) | ``varlen``: one ``torch.nn.attention.varlen.varlen_attn`` call (flash) | ``per_sample``: SDPA per sample |
 | padded, no mask (ViT tiles) | ``fused``: SDPA restricted to flash / cuDNN / efficient | ``sdpa`` |
 
+Which FlashAttention implementation the flash kernels run (PyTorch's default FA2, or FA3 on
+Hopper) is chosen once per process where the model is built: ``model.flash_attention``,
+:mod:`.flash`.
+
 What a packed micro-batch needs (cu_seqlens as int32 on the device, the longest segment as a
 Python int, the host copy of the boundaries for ``per_sample``) is prepared once per
 micro-batch by :func:`packed_segments` and kept on the ``PackedSeqParams`` object that every

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .flash import apply_flash_attention
 from .internvl import InternVLModel
 from .init import init_rng_scope, redraw_column_parallel_weight
 from .language import LanguageModel
@@ -226,6 +227,7 @@ def build_internvl_model(model, parallel, precision="fp32", pre_process=True, po
     DDP, whose ``main_grad`` buffers gradient-accumulation fusion writes into."""
     model.validate()
     logger.info("model.spec=%s: %s", model.spec, describe_spec(model.spec))
+    apply_flash_attention(model.flash_attention, use_transformer_engine(model.spec))
     # Each independently placed piece in its own RNG scope: same weights in every layout.
     with init_rng_scope("language_model"):
         language = build_language_model(model, parallel, precision, pre_process, post_process, vp_stage,

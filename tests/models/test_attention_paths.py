@@ -7,6 +7,9 @@
 - the packed micro-batch's cu_seqlens / max length / host boundaries are prepared once per
   micro-batch, not per layer, and megatron's THD RoPE (a host read-back per layer) is not called,
   while the logits stay bitwise those of megatron's own RoPE path.
+- ``model.flash_attention`` (models/flash.py): the FA3 / PyTorch-default decision for every
+  GPU x torch registry x kernel availability, its error texts, and that building a model
+  activates FA3 once per process (torch's registry, CUDA and the GPU replaced by stand-ins).
 The CUDA kernels themselves run in the GPU check (bench/gpu/run.sh).
 """
 
@@ -21,6 +24,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from harness import run_ranks
 from megatron_internvl.models import attention as attn
+from megatron_internvl.models import flash
 
 CU = [0, 5, 12, 12, 16]  # an empty segment too
 HQ, HKV, D = 4, 2, 8
@@ -212,6 +216,130 @@ def test_segments_without_max_length_are_computed_once():
     assert attn.packed_segments(params) is seg
 
 
+# --- model.flash_attention: FA3 or PyTorch's default ---------------------------------------------
+MISSING = "flash_attn_interface does not import (ModuleNotFoundError: No module named 'flash_attn_interface')"
+
+
+class FakeRegistry:
+    """torch.nn.attention's flash registry (>= 2.12) with a counting activate."""
+
+    def __init__(self, impls=("FA3", "FA4"), fail=None):
+        self.impls, self.fail, self.active, self.activated = list(impls), fail, None, []
+
+    def install(self, monkeypatch):
+        from torch.nn import attention as torch_attention
+
+        monkeypatch.setattr(torch_attention, "list_flash_attention_impls", lambda: sorted(self.impls))
+        monkeypatch.setattr(torch_attention, "current_flash_attention_impl", lambda: self.active)
+        monkeypatch.setattr(torch_attention, "activate_flash_attention_impl", self.activate)
+        monkeypatch.setattr(torch_attention, "restore_flash_attention_impl", self.restore)
+        return self
+
+    def activate(self, impl):
+        if impl not in self.impls:
+            raise ValueError(f"Unknown flash attention impl '{impl}'")
+        if self.fail:
+            raise self.fail
+        self.activated.append(impl)
+        self.active = impl
+
+    def restore(self):
+        self.active = None
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A CUDA machine of a given compute capability, a fresh process-wide decision cache."""
+    monkeypatch.setattr(flash, "_APPLIED", {})
+
+    def make(capability=(9, 0), impls=("FA3", "FA4"), kernels=None, fail=None):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+        monkeypatch.setattr(flash, "fa3_kernels_error", lambda: kernels)
+        return FakeRegistry(impls, fail).install(monkeypatch)
+    return make
+
+
+@pytest.mark.parametrize("capability,impls,kernels,te,want", [
+    ((9, 0), ("FA3", "FA4"), None, False, "FA3"),
+    ((9, 0), ("FA3",), MISSING, False, "FA3's kernels are missing"),
+    ((9, 0), ("FA4",), None, False, "has a registry of ['FA4'], no FA3"),  # torch 2.10 / 2.11
+    ((8, 0), ("FA3",), None, False, "compute capability 8.0"),
+    ((10, 0), ("FA3",), None, False, "compute capability 10.0"),
+    (None, ("FA3",), None, False, "no CUDA device"),
+    ((9, 0), ("FA3",), None, True, "Transformer Engine spec"),
+])
+def test_flash_auto_decision_table(machine, capability, impls, kernels, te, want):
+    registry = machine(capability, impls, kernels)
+    plan = flash.apply_flash_attention("auto", te_spec=te)
+    if want == "FA3":
+        assert plan.impl == "FA3" and registry.activated == ["FA3"]
+    else:
+        assert plan.impl is None and want in plan.reason and registry.activated == []
+    # fa3 = required: the same machines either activate FA3 or stop with a fix; default never activates.
+    flash._APPLIED.clear()
+    registry.active, registry.activated = None, []
+    if want == "FA3" or capability is None:
+        assert flash.apply_flash_attention("fa3", te_spec=te).impl == (None if capability is None else "FA3")
+    else:
+        with pytest.raises(flash.FlashAttentionUnavailable, match="model.flash_attention=fa3"):
+            flash.apply_flash_attention("fa3", te_spec=te)
+    assert flash.apply_flash_attention("default", te_spec=te).impl is None
+    assert registry.active is None  # default restores what fa3 had activated
+
+
+@pytest.mark.parametrize("case,message", [
+    (dict(kernels=MISSING), r"FA3's kernels are missing \(flash_attn_interface does not import.*"
+                            r"pip install flash-attn-3 --find-links https://download.pytorch.org/whl/flash-attn-3/"),
+    (dict(impls=("FA4",)), r"has a registry of \['FA4'\], no FA3: install torch >= 2.12"),
+    (dict(capability=(8, 6)), r"compute capability 8.6: FA3 runs on Hopper \(9.0\) only"),
+    (dict(fail=RuntimeError("Module 'flash_attn_interface' does not expose FA3 kernels")),
+     r"activating FA3 failed \(Module 'flash_attn_interface' does not expose FA3 kernels\).*hopper"),
+])
+def test_required_fa3_errors_name_the_fix(machine, case, message):
+    machine(**case)
+    with pytest.raises(flash.FlashAttentionUnavailable, match=message) as err:
+        flash.apply_flash_attention("fa3")
+    assert "model.flash_attention=auto" in str(err.value) or "activating" in str(err.value)
+
+
+def test_auto_keeps_the_default_when_activation_fails(machine, caplog):
+    registry = machine(fail=RuntimeError("FA3 requires compute capability 9.0"))
+    with caplog.at_level("WARNING", logger=flash.__name__):
+        plan = flash.apply_flash_attention("auto")
+    assert plan.impl is None and "activating FA3 failed" in plan.reason and registry.active is None
+    assert "on a Hopper GPU, where FA3 is faster" in caplog.text
+
+
+def test_torch_without_the_registry(machine, monkeypatch):
+    """torch < 2.9 has no activate_flash_attention_impl: auto keeps the default quietly."""
+    from torch.nn import attention as torch_attention
+
+    machine()
+    monkeypatch.delattr(torch_attention, "activate_flash_attention_impl")
+    plan = flash.apply_flash_attention("auto")
+    assert plan.impl is None and "no flash-attention registry, no FA3" in plan.reason
+    with pytest.raises(flash.FlashAttentionUnavailable, match=r"install torch >= 2.12"):
+        flash.apply_flash_attention("fa3")
+
+
+def test_fa3_kernels_check_follows_torchs_registration(monkeypatch):
+    # torch's register_flash_attention_fa3 imports flash_attn_interface, then needs
+    # torch.ops.flash_attn_3.fwd and .bwd.
+    assert flash.fa3_kernels_error() == MISSING  # not installed on this machine
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn_interface", SimpleNamespace())
+    assert "defines no torch.ops.flash_attn_3 fwd/bwd kernels" in flash.fa3_kernels_error()
+
+
+def test_flash_attention_is_a_validated_model_field():
+    from megatron_internvl.config import ConfigError
+    from megatron_internvl.config.schema import ModelConfig
+
+    assert ModelConfig().flash_attention == "auto"
+    with pytest.raises(ConfigError, match=r"model.flash_attention='fa2': use 'auto', 'fa3' or 'default'"):
+        ModelConfig(flash_attention="fa2").validate()
+
+
 # --- through the model (one spawned rank) --------------------------------------------------------
 def model_paths_worker():
     from megatron.core.transformer import attention as megatron_attention
@@ -222,6 +350,16 @@ def model_paths_worker():
 
     parallel = init()
     cfg = model_config()
+    # A Hopper machine with FA3 installed, as far as models/flash.py can tell: the two builds
+    # below activate it once (the kernels themselves stay CPU's).
+    from torch.nn import attention as torch_attention
+
+    activated = []
+    flash.cuda_capability = lambda: (9, 0)
+    flash.fa3_kernels_error = lambda: None
+    torch_attention.list_flash_attention_impls = lambda: ["FA3"]
+    torch_attention.current_flash_attention_impl = lambda: activated[-1] if activated else None
+    torch_attention.activate_flash_attention_impl = activated.append
     model = build(cfg, parallel).eval()
     counts = {"prepare": 0, "bounds": 0, "megatron_rope": 0}
     prepare, bounds, rope = attn.prepare_segments, attn.PackedSegments.bounds, megatron_attention.apply_rotary_pos_emb
@@ -257,6 +395,7 @@ def model_paths_worker():
         fresh = [packed_batch(21), packed_batch(22, samples=((5, 1), (3, 0), (6, 2)), total=32)]
         res["megatron"] = [full_logits(run(plain, b)) for b in fresh]
     res["plain_type"] = type(plain.language_model.decoder.layers[0].self_attention).__name__
+    res["flash_activations"] = activated
     return res
 
 
@@ -278,3 +417,7 @@ def test_packed_rotary_is_bitwise_megatron_rope(paths):
     assert paths["sbhd_rope_calls"] > 0  # the counter does see megatron's RoPE when it runs
     for ours, theirs in zip(paths["ours"], paths["megatron"]):
         assert torch.equal(ours, theirs)
+
+
+def test_model_builds_activate_fa3_once_per_process(paths):
+    assert paths["flash_activations"] == ["FA3"]  # two builds, one activation
