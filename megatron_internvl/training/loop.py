@@ -77,7 +77,7 @@ def train(run: TrainingRun) -> int:
         while step < t.train_steps:
             run.manager.poll()
             profiler.begin(step + 1)
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), time.process_time()
             lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
             # the step's micro-batches; their tiles go to the device as the schedule needs them
             batches = [run.loader.next_deferred() for _ in range(n_micro)]
@@ -88,12 +88,12 @@ def train(run: TrainingRun) -> int:
                                 fused_loss=config.model.fused_loss, mpo=run.mpo,
                                 fetch_pixels=run.loader.fetch_pixels, prefetch=t.micro_batch_prefetch)
             step += 1
-            elapsed = time.monotonic() - t0
+            elapsed, cpu_s = time.monotonic() - t0, time.process_time() - cpu0
             profiler.end(step)
             health.check(step, result, metrics)
             if step % t.log_interval == 0 or step == t.train_steps:
                 metrics.log(step_record(run, step, result, lr, elapsed, {"data": data_s, "checkpoint": save_s},
-                                        moe))
+                                        moe, cpu_s=cpu_s))
                 save_s = 0.0
             if run.evaluator is not None:
                 run.evaluator.maybe_run(step, run.start_step, run.ddp, metrics)

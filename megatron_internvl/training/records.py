@@ -32,10 +32,12 @@ def throughput(run: TrainingRun, result: StepResult, elapsed: float) -> dict:
 
 
 def step_record(run: TrainingRun, step: int, result: StepResult, lr: float, elapsed: float,
-                times: dict, moe=None) -> dict:
+                times: dict, moe=None, cpu_s: float | None = None) -> dict:
     """``times``: seconds of this step waiting for data (``data``) and, since the previous
     record, saving checkpoints (``checkpoint``); the step adds forward-backward and optimizer.
-    ``moe``: a :class:`.moe_metrics.MoeMonitor`: router losses and expert load since the last record."""
+    ``moe``: a :class:`.moe_metrics.MoeMonitor`: router losses and expert load since the last record.
+    ``cpu_s``: this process's CPU seconds (all its threads) over the step: on a shared CPU machine
+    the measure that other processes disturb least."""
     loader = run.loader
     rates = throughput(run, result, elapsed)
     plan = getattr(loader.inner, "step_stats", None)  # the planned loader's balance (reading rank)
@@ -43,6 +45,7 @@ def step_record(run: TrainingRun, step: int, result: StepResult, lr: float, elap
         "step": step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": lr,
         "tokens_per_s": result.tokens / elapsed, "tiles_per_s": result.tiles / elapsed,
         "tflops_per_gpu": rates["tflops_per_gpu"], "mfu": rates["mfu"], "step_time_s": elapsed,
+        **({"step_cpu_s": cpu_s} if cpu_s is not None else {}),
         "tokens": result.tokens, "tiles": result.tiles,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
         "dataset_loss": {loader.dataset_names[i]: v for i, v in result.dataset_loss.items()},

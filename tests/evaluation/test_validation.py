@@ -56,11 +56,15 @@ def test_validation_equals_training_loss_and_records_time(reference):
     for r in train.values():  # where the step's time went
         parts = [r[f"time_{k}_s"] for k in ("data", "forward_backward", "optimizer", "checkpoint")]
         assert all(p >= 0 for p in parts)
-        assert r["time_forward_backward_s"] > 0 and r["time_optimizer_s"] > 0
+        assert r["time_forward_backward_s"] > 0 and r["time_optimizer_s"] > 0 and r["step_cpu_s"] > 0
         assert sum(parts[:3]) <= r["step_time_s"] * 1.001 + 1e-3
     trace = json.loads((reference / "profile" / "rank0.json").read_text())
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert any(n.startswith("aten::") for n in names), "the profiler trace must hold the step's ops"
+    ops = json.loads((reference / "profile" / "rank0_ops.json").read_text())
+    by_name = {o["name"]: o for o in ops}
+    assert by_name["aten::mm"]["count"] > 0 and by_name["aten::mm"]["self_cpu_s"] > 0, "the operator table"
+    assert [o["self_cpu_s"] for o in ops] == sorted((o["self_cpu_s"] for o in ops), reverse=True)
 
 
 @pytest.mark.parametrize("layout", [("parallel.tensor_parallel=2",),
