@@ -11,6 +11,7 @@ DATASET_KINDS = ("chat", "pretrain", "text")
 LOSS_REDUCTIONS = ("token", "sample", "square")
 V2PE_MODES = ("off", "random", "fixed")
 TEMPLATE_NAMES = ("internvl2_5", "internlm2-chat", "Hermes-2", "plain")
+DECODE_SITES = ("worker", "rank", "auto")
 
 
 @dataclass
@@ -108,6 +109,10 @@ class DataConfig:
     max_dynamic_patch: int = 12
     min_dynamic_patch: int = 1
     image_backend: str = "pil"
+    # Where training decodes images: "worker" (data-loader workers), "rank" (workers read the
+    # JPEG bytes and their tile grid; the training process decodes them on its device: DALI's
+    # nvJPEG decoder on a GPU), "auto" (rank where image_backend is dali and CUDA is available).
+    decode_on: str = "worker"
     num_video_frames: int = 8
 
     # Packing budgets: l_max LLM tokens and t_max ViT tiles per packed sequence.
@@ -219,6 +224,9 @@ class DataConfig:
             raise ValueError("data.skip_ratio_warmup and data.skip_warnings must be >= 0.")
         if self.image_backend not in ("pil", "dali"):
             raise ValueError(f"data.image_backend={self.image_backend!r} must be 'pil' or 'dali'.")
+        if self.decode_on not in DECODE_SITES:
+            raise ValueError(f"data.decode_on={self.decode_on!r} must be one of {DECODE_SITES}: where images "
+                             "are decoded (data-loader workers, or the training process on its device).")
         if self.text_weight is not None:
             if not (0 <= self.text_weight <= 1):
                 raise ValueError(f"data.text_weight={self.text_weight!r} must be in [0, 1] or None.")

@@ -71,7 +71,7 @@ def build_data_loader(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None, dp
         if s.length is not None and int(s.length) != len(f):
             logger.warning("dataset %r: meta says length=%s but %s has %d non-empty lines; using %d",
                            s.name, s.length, f.path, len(f), len(f))
-    media = media_loader or MediaLoader(cfg.image_size, cfg.use_thumbnail, cfg.image_backend, cfg.num_video_frames)
+    media = media_loader or MediaLoader.for_training(cfg)
     if cfg.shard_by == "sample":
         loader = PackedDataLoader(cfg, tokenizer, specs, files, dp_rank, dp_size, media, stop_after=stop_after)
     elif cfg.shard_by == "pack":

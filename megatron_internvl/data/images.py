@@ -17,16 +17,24 @@ tests hold it to are in ``docs/data.md``.
 The random JPEG re-compression (quality uniform in [75, 100] per tile) draws its qualities from a
 caller-supplied generator before any backend runs, so a data-loader resume that restores the
 generator reproduces the same tiles with either backend.
+
+With ``data.decode_on: rank`` a worker does not decode a JPEG: :func:`encode_image_tiles` reads
+its bytes and header and returns :class:`EncodedTiles` (the bytes, the tile grid, the thumbnail
+and the drawn JPEG qualities: a :class:`TilePlan` per image), which stands in for the uint8 tile
+tensor until ``.to(device)`` decodes it in the training process (DALI's ``mixed`` nvJPEG decoder
+on a GPU; DALI-CPU or Pillow elsewhere) with the same arithmetic as the worker would have used.
 """
 
 from __future__ import annotations
 
 import gc
 import io
+import logging
 import os
 from abc import ABC, abstractmethod
 import weakref
 from collections import Counter
+from dataclasses import dataclass, replace
 from typing import Sequence, Union
 
 import numpy as np
@@ -37,6 +45,8 @@ from megatron_internvl.data.tiling import DEFAULT_IMAGE_SIZE, choose_grid
 from megatron_internvl.models.pixels import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels  # noqa: F401
 JPEG_QUALITY_MIN = 75
 JPEG_QUALITY_MAX = 100  # inclusive
+
+logger = logging.getLogger("megatron_internvl.data")
 
 Rng = Union[np.random.Generator, torch.Generator]
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
@@ -119,16 +129,44 @@ def _cut_grid(grid: np.ndarray, cols: int, rows: int, image_size: int) -> np.nda
     )
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """How one image becomes tiles, known from its header alone: the ``cols x rows`` grid of
+    ``image_size`` squares, whether a thumbnail follows, and the JPEG qualities of the
+    augmentation (one per tile, drawn where the sample is built; None without augmentation)."""
+
+    cols: int
+    rows: int
+    image_size: int
+    thumbnail: bool
+    qualities: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, width: int, height: int, min_tiles: int, max_tiles: int, image_size: int,
+           use_thumbnail: bool) -> "TilePlan":
+        cols, rows = choose_grid(width, height, min_tiles, max_tiles, image_size)
+        return cls(cols, rows, image_size, use_thumbnail and cols * rows > 1)
+
+    @property
+    def tiles(self) -> int:
+        return self.cols * self.rows + int(self.thumbnail)
+
+
+def _pil_planned_tiles(image: Image.Image, plan: TilePlan) -> np.ndarray:
+    s = plan.image_size
+    resized = image.resize((s * plan.cols, s * plan.rows), Image.Resampling.BICUBIC)
+    tiles = _cut_grid(np.asarray(resized), plan.cols, plan.rows, s)
+    if plan.thumbnail:
+        thumb = np.asarray(image.resize((s, s), Image.Resampling.BICUBIC))
+        tiles = np.concatenate([tiles, thumb[None]], axis=0)
+    return tiles
+
+
 def _pil_tile_array(
     image: Image.Image, min_tiles: int, max_tiles: int, image_size: int, use_thumbnail: bool
 ) -> np.ndarray:
-    cols, rows = choose_grid(image.width, image.height, min_tiles, max_tiles, image_size)
-    resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
-    tiles = _cut_grid(np.asarray(resized), cols, rows, image_size)
-    if use_thumbnail and cols * rows > 1:
-        thumb = np.asarray(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
-        tiles = np.concatenate([tiles, thumb[None]], axis=0)
-    return tiles
+    plan = TilePlan.of(image.width, image.height, min_tiles, max_tiles, image_size, use_thumbnail)
+    return _pil_planned_tiles(image, plan)
 
 
 def dynamic_preprocess(
@@ -201,26 +239,37 @@ def jpeg_roundtrip(tile: np.ndarray, quality: int) -> np.ndarray:
 class TileDecoder(ABC):
     """Encoded image bytes -> ``uint8 [T,S,S,3]`` tiles, and the per-tile JPEG augmentation.
 
-    Instances are per process (see :func:`get_decoder`) and not thread-safe; data-loader
-    parallelism is by worker processes.
+    ``tiles`` chooses the grid from the header and calls ``planned_tiles``, which follows a
+    :class:`TilePlan`; ``device_tiles`` decodes a batch of planned images (augmentation
+    included) into ``uint8 [T,3,S,S]`` tensors on a device, for ``data.decode_on: rank``.
+    Instances are per process (see :func:`get_decoder`, :func:`rank_decoder`) and not
+    thread-safe; data-loader parallelism is by worker processes.
     """
 
     name: str
 
+    def tiles(self, data, source, *, min_tiles, max_tiles, image_size, use_thumbnail) -> np.ndarray:
+        header = _open_header(data, source)
+        plan = TilePlan.of(header.width, header.height, min_tiles, max_tiles, image_size, use_thumbnail)
+        return self.planned_tiles(data, source, plan, header)
+
     @abstractmethod
-    def tiles(
-        self,
-        data: bytes,
-        source: str,
-        *,
-        min_tiles: int,
-        max_tiles: int,
-        image_size: int,
-        use_thumbnail: bool,
-    ) -> np.ndarray: ...
+    def planned_tiles(self, data: bytes, source: str, plan: TilePlan, header: Image.Image) -> np.ndarray: ...
 
     @abstractmethod
     def jpeg_compress(self, tiles: np.ndarray, qualities: Sequence[int]) -> np.ndarray: ...
+
+    def device_tiles(self, images: Sequence["EncodedImage"], device: torch.device) -> list[torch.Tensor]:
+        """Each image's tiles, augmented by its plan's qualities, as ``uint8 [T,3,S,S]`` on
+        ``device``: the worker's arithmetic, run here (backends with a device path override)."""
+        out = []
+        for im in images:
+            data = im.data.numpy().tobytes()
+            tiles = self.planned_tiles(data, im.source, im.plan, _open_header(data, im.source))
+            if im.plan.qualities is not None:
+                tiles = self.jpeg_compress(tiles, im.plan.qualities)
+            out.append(tiles_chw(tiles).to(device, non_blocking=True))
+        return out
 
 
 class PILDecoder(TileDecoder):
@@ -228,9 +277,8 @@ class PILDecoder(TileDecoder):
 
     name = "pil"
 
-    def tiles(self, data, source, *, min_tiles, max_tiles, image_size, use_thumbnail):
-        image = decode_rgb(data, source)
-        return _pil_tile_array(image, min_tiles, max_tiles, image_size, use_thumbnail)
+    def planned_tiles(self, data, source, plan, header):
+        return _pil_planned_tiles(decode_rgb(data, source), plan)
 
     def jpeg_compress(self, tiles, qualities):
         return np.stack([jpeg_roundtrip(t, q) for t, q in zip(tiles, qualities, strict=True)])
@@ -238,6 +286,12 @@ class PILDecoder(TileDecoder):
 
 def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
+
+
+def dali_decodes(data: bytes, header: Image.Image) -> bool:
+    """Whether DALI decodes this image itself: a JPEG in RGB or greyscale. Other formats and
+    CMYK JPEGs go through Pillow, so that colour conversion never differs between backends."""
+    return _is_jpeg(data) and header.mode in ("RGB", "L")
 
 
 def _dali_reason(exc: Exception) -> str:
@@ -294,6 +348,7 @@ class DALIDecoder(TileDecoder):
         self.stats: Counter[str] = Counter()
         _LIVE_DALI_DECODERS.add(self)
         self._image_pipe = None
+        self._image_capacity = 0
         self._tile_pipe = None
         self._tile_capacity = 0
 
@@ -307,7 +362,7 @@ class DALIDecoder(TileDecoder):
             if shutdown is not None:
                 shutdown()
         self._image_pipe = self._tile_pipe = None
-        self._tile_capacity = 0
+        self._image_capacity = self._tile_capacity = 0
 
     def _new_pipeline(self, batch_size: int):
         from nvidia.dali import Pipeline
@@ -322,11 +377,11 @@ class DALIDecoder(TileDecoder):
             prefetch_queue_depth=1,
         )
 
-    def _build_image_pipe(self):
+    def _build_image_pipe(self, capacity: int = 1):
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
 
-        pipe = self._new_pipeline(batch_size=1)
+        pipe = self._new_pipeline(batch_size=capacity)
         with pipe:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             sizes = {
@@ -368,42 +423,63 @@ class DALIDecoder(TileDecoder):
         # Copy: DALI reuses its output buffers on the next run.
         return [np.array(tensor_list[i], copy=True) for i in range(len(tensor_list))]
 
-    # --- TileDecoder -----------------------------------------------------------------------
+    def _to_torch(self, tensor, device: torch.device) -> torch.Tensor:
+        """One DALI output sample as a torch tensor on ``device`` (a copy: DALI reuses its
+        buffers). A GPU sample is copied on torch's current stream (the feed's side stream)."""
+        from nvidia.dali.backend import TensorGPU
 
-    def tiles(self, data, source, *, min_tiles, max_tiles, image_size, use_thumbnail):
-        header = _open_header(data, source)
-        if not (_is_jpeg(data) and header.mode in ("RGB", "L")):
-            self.stats["pil_fallback"] += 1
-            return PILDecoder().tiles(
-                data, source, min_tiles=min_tiles, max_tiles=max_tiles,
-                image_size=image_size, use_thumbnail=use_thumbnail,
-            )
-        cols, rows = choose_grid(header.width, header.height, min_tiles, max_tiles, image_size)
-        want_thumb = use_thumbnail and cols * rows > 1
-        thumb_side = image_size if want_thumb else 1  # a 1x1 thumbnail costs ~nothing; dropped
-        if self._image_pipe is None:
-            self._image_pipe = self._build_image_pipe()
+        if isinstance(tensor, TensorGPU):
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            out = torch.empty(tensor.shape(), dtype=torch.uint8, device=device)
+            feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
+            return out
+        return torch.from_numpy(np.array(tensor, copy=True)).to(device)
+
+    def _run_images(self, encoded: Sequence[np.ndarray], plans: Sequence[TilePlan]):
+        """Decode and resize a batch: the grid and the thumbnail of each image (DALI outputs)."""
+        n = len(encoded)
+        if self._image_pipe is None or n > self._image_capacity:
+            self._image_capacity = 1 << max(n - 1, 0).bit_length()   # 1, 2, 4, ...: few rebuilds
+            self._image_pipe = self._build_image_pipe(self._image_capacity)
         pipe = self._image_pipe
         try:
-            pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
-            for name, value in (
-                ("grid_w", image_size * cols), ("grid_h", image_size * rows),
-                ("thumb_w", thumb_side), ("thumb_h", thumb_side),
+            pipe.feed_input("encoded", list(encoded))
+            for name, values in (
+                ("grid_w", [p.image_size * p.cols for p in plans]),
+                ("grid_h", [p.image_size * p.rows for p in plans]),
+                # a 1x1 thumbnail costs ~nothing; dropped when the plan has none
+                ("thumb_w", [p.image_size if p.thumbnail else 1 for p in plans]),
+                ("thumb_h", [p.image_size if p.thumbnail else 1 for p in plans]),
             ):
-                pipe.feed_input(name, [np.float32(value)])
-            grid_out, thumb_out = pipe.run()
+                pipe.feed_input(name, [np.float32(v) for v in values])
+            return pipe.run()
+        except Exception:
+            self._image_pipe = None   # DALI invalidates a pipeline that raised
+            raise
+
+    # --- TileDecoder -----------------------------------------------------------------------
+
+    def planned_tiles(self, data, source, plan, header):
+        if not dali_decodes(data, header):
+            self.stats["pil_fallback"] += 1
+            return PILDecoder().planned_tiles(data, source, plan, header)
+        try:
+            grid_out, thumb_out = self._run_images([np.frombuffer(data, dtype=np.uint8)], [plan])
             grid = self._host_arrays(grid_out)[0]
-            thumb = self._host_arrays(thumb_out)[0] if want_thumb else None
+            thumb = self._host_arrays(thumb_out)[0] if plan.thumbnail else None
         except Exception as e:
-            self._image_pipe = None
             raise ImageDecodeError(source, _dali_reason(e)) from None
         self.stats["dali"] += 1
-        tiles = _cut_grid(grid, cols, rows, image_size)
+        tiles = _cut_grid(grid, plan.cols, plan.rows, plan.image_size)
         if thumb is not None:
             tiles = np.concatenate([tiles, thumb[None]], axis=0)
         return tiles
 
     def jpeg_compress(self, tiles, qualities):
+        return np.stack(self._host_arrays(self._run_tiles([np.ascontiguousarray(t) for t in tiles], qualities)))
+
+    def _run_tiles(self, tiles: Sequence, qualities: Sequence[int], **feed):
         if len(tiles) != len(qualities):
             raise ValueError(f"{len(tiles)} tiles but {len(qualities)} JPEG qualities")
         if self._tile_pipe is None or len(tiles) > self._tile_capacity:
@@ -411,13 +487,57 @@ class DALIDecoder(TileDecoder):
             self._tile_pipe = self._build_tile_pipe(self._tile_capacity)
         pipe = self._tile_pipe
         try:
-            pipe.feed_input("tiles", [np.ascontiguousarray(t) for t in tiles], layout="HWC")
+            pipe.feed_input("tiles", list(tiles), layout="HWC", **feed)
             pipe.feed_input("quality", [np.int32(q) for q in qualities])
             (out,) = pipe.run()
-            return np.stack(self._host_arrays(out))
+            return out
         except Exception:
             self._tile_pipe = None
             raise
+
+    def device_tiles(self, images, device):
+        """The batch decoded and resized in one pipeline run; on a GPU the bytes are decoded by
+        nvJPEG (``mixed``), resized, cut into tiles and augmented without leaving the device.
+        Images DALI does not decode itself (see :func:`dali_decodes`) never get here."""
+        if not images:
+            return []
+        encoded = [im.data.numpy() for im in images]   # pinned where the loader pinned them
+        try:
+            grid_out, thumb_out = self._run_images(encoded, [im.plan for im in images])
+        except Exception as e:   # one bad image fails the batch: the caller retries one by one
+            where = images[0].source if len(images) == 1 else f"<one of {len(images)} images>"
+            raise ImageDecodeError(where, _dali_reason(e)) from None
+        self.stats["dali"] += len(images)
+        grids = []
+        for i, im in enumerate(images):
+            p, s = im.plan, im.plan.image_size
+            grid = self._to_torch(grid_out[i], device)
+            if tuple(grid.shape) != (p.rows * s, p.cols * s, 3):
+                raise RuntimeError(f"resized image has shape {tuple(grid.shape)}, expected {(p.rows * s, p.cols * s, 3)}")
+            tiles = grid.reshape(p.rows, s, p.cols, s, 3).permute(0, 2, 1, 3, 4).reshape(p.rows * p.cols, s, s, 3)
+            if p.thumbnail:
+                tiles = torch.cat([tiles, self._to_torch(thumb_out[i], device)[None]])
+            grids.append(tiles)
+        self._copied(device)
+        out = []
+        for im, tiles in zip(images, grids):
+            if im.plan.qualities is not None:
+                fed, feed = list(tiles.contiguous().unbind(0)), {}
+                if device.type == "cuda":   # DALI reads torch's CUDA tensors on the stream they were made on
+                    feed = {"cuda_stream": torch.cuda.current_stream(device)}
+                else:
+                    fed = [t.numpy() for t in fed]
+                compressed = self._run_tiles(fed, im.plan.qualities, **feed)
+                tiles = torch.stack([self._to_torch(compressed[k], device) for k in range(len(fed))])
+                self._copied(device)
+            out.append(tiles.permute(0, 3, 1, 2).contiguous())
+        return out
+
+    @staticmethod
+    def _copied(device: torch.device) -> None:
+        """Wait for the copies out of DALI's GPU buffers: its next run reuses them, on its own stream."""
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
 
 
 _LIVE_DALI_DECODERS: "weakref.WeakSet[DALIDecoder]" = weakref.WeakSet()
@@ -454,6 +574,39 @@ def get_decoder(backend: str) -> TileDecoder:
     return _DECODERS[key]
 
 
+def rank_decoder(backend: str, device: torch.device) -> TileDecoder:
+    """The training process's decoder for tiles decoded on its ``device`` (``decode_on: rank``):
+    DALI on that GPU (nvJPEG, ``mixed``) or DALI-CPU, or Pillow."""
+    key = (os.getpid(), f"{backend}@{device}")
+    if key not in _DECODERS:
+        if backend == "dali":
+            on_gpu = device.type == "cuda"
+            index = device.index if device.index is not None or not on_gpu else torch.cuda.current_device()
+            _DECODERS[key] = DALIDecoder(device="gpu" if on_gpu else "cpu", device_id=index if on_gpu else None)
+        else:
+            _DECODERS[key] = get_decoder(backend)
+    return _DECODERS[key]
+
+
+def _check_augment(jpeg_augment: bool, rng: Rng | None) -> None:
+    if jpeg_augment and rng is None:
+        raise ValueError(
+            "jpeg_augment=True needs rng (a seeded numpy or torch Generator) so that the "
+            "augmentation is reproducible on resume"
+        )
+
+
+def _decode(data, source, decoder: TileDecoder, *, max_tiles, min_tiles, image_size, use_thumbnail,
+            jpeg_augment, rng) -> torch.Tensor:
+    tiles = decoder.tiles(
+        data, source, min_tiles=min_tiles, max_tiles=max_tiles,
+        image_size=image_size, use_thumbnail=use_thumbnail,
+    )
+    if jpeg_augment:
+        tiles = decoder.jpeg_compress(tiles, draw_jpeg_qualities(rng, len(tiles)))
+    return tiles_chw(tiles)
+
+
 def decode_image_tiles(
     path_or_bytes: ImageSource,
     *,
@@ -471,22 +624,152 @@ def decode_image_tiles(
     ``jpeg_augment`` every tile (thumbnail included) is JPEG re-compressed at a quality drawn
     from ``rng``. Raises :class:`ImageDecodeError` for a missing or undecodable image.
     """
-    if jpeg_augment and rng is None:
-        raise ValueError(
-            "jpeg_augment=True needs rng (a seeded numpy or torch Generator) so that the "
-            "augmentation is reproducible on resume"
-        )
+    _check_augment(jpeg_augment, rng)
     decoder = backend if isinstance(backend, TileDecoder) else get_decoder(backend)
     data, source = read_image_source(path_or_bytes)
-    tiles = decoder.tiles(
-        data, source, min_tiles=min_tiles, max_tiles=max_tiles,
-        image_size=image_size, use_thumbnail=use_thumbnail,
-    )
-    if jpeg_augment:
-        tiles = decoder.jpeg_compress(tiles, draw_jpeg_qualities(rng, len(tiles)))
-    return tiles_chw(tiles)
+    return _decode(data, source, decoder, max_tiles=max_tiles, min_tiles=min_tiles, image_size=image_size,
+                   use_thumbnail=use_thumbnail, jpeg_augment=jpeg_augment, rng=rng)
 
 
 def load_image_tiles(path_or_bytes: ImageSource, **kw) -> torch.Tensor:
     """:func:`decode_image_tiles` (same arguments), normalised: ``float32 [T, 3, S, S]``."""
     return normalize_pixels(decode_image_tiles(path_or_bytes, **kw))
+
+
+# --- decoding in the training process (data.decode_on: rank) ----------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image as a worker hands it to the rank: its encoded bytes (``uint8 [n]``, a tensor so
+    that it travels through shared memory and can be pinned), its name, and its plan."""
+
+    data: torch.Tensor
+    source: str
+    plan: TilePlan
+
+
+def travels_encoded(data: bytes, header: Image.Image) -> bool:
+    """Whether an image is left for the rank to decode: a complete JPEG (ends with its EOI
+    marker, so a truncated file is still found, and skipped, in the worker) that DALI decodes
+    itself. Everything else is decoded in the worker, as with ``decode_on: worker``."""
+    return dali_decodes(data, header) and data.endswith(b"\xff\xd9")
+
+
+class EncodedTiles:
+    """The ``uint8 [T, 3, S, S]`` tiles of a sample or a pack, not decoded yet.
+
+    Parts are :class:`EncodedImage` (decoded on the rank) or uint8 tile tensors (decoded in the
+    worker: videos, non-JPEG images). It stands in for the tensor it becomes wherever the data
+    path handles tiles without reading them: ``shape``/``dtype``, slicing along the tiles at
+    image boundaries, :func:`concat_tiles`, ``pin_memory()`` (the DataLoader's pinning), and
+    ``to(device)``, which decodes on ``device`` with ``backend``'s :func:`rank_decoder` and
+    returns the tensor. An image whose body fails to decode there (its header was fine) gets
+    zero tiles and a warning naming the file: its tokens are already in the pack.
+    """
+
+    dtype = torch.uint8
+
+    def __init__(self, parts: Sequence[EncodedImage | torch.Tensor], backend: str, image_size: int):
+        self.parts, self.backend, self.image_size = list(parts), backend, image_size
+
+    @staticmethod
+    def _count(part) -> int:
+        return part.plan.tiles if isinstance(part, EncodedImage) else int(part.shape[0])
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((sum(map(self._count, self.parts)), 3, self.image_size, self.image_size))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> "EncodedTiles":
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError(f"EncodedTiles are sliced along their tiles only, got {index!r}")
+        lo, hi, _ = index.indices(len(self))
+        out, at = [], 0
+        for part in self.parts:
+            n = self._count(part)
+            a, b = max(lo - at, 0), min(hi - at, n)
+            if a < b:
+                if isinstance(part, EncodedImage):
+                    if (a, b) != (0, n):
+                        raise ValueError(f"tiles [{lo}, {hi}) cut through the {n} tiles of {part.source}")
+                    out.append(part)
+                else:
+                    out.append(part[a:b])
+            at += n
+        return EncodedTiles(out, self.backend, self.image_size)
+
+    def contiguous(self) -> "EncodedTiles":
+        return self
+
+    def pin_memory(self) -> "EncodedTiles":
+        return EncodedTiles([replace(p, data=p.data.pin_memory()) if isinstance(p, EncodedImage) else p.pin_memory()
+                             for p in self.parts], self.backend, self.image_size)
+
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
+        device = torch.device(device)
+        images = [p for p in self.parts if isinstance(p, EncodedImage)]
+        decoded = iter(_decode_on(rank_decoder(self.backend, device), images, device))
+        tiles = [next(decoded) if isinstance(p, EncodedImage) else p.to(device, non_blocking=non_blocking)
+                 for p in self.parts]
+        if not tiles:
+            return torch.zeros(tuple(self.shape), dtype=torch.uint8, device=device)
+        return torch.cat(tiles)
+
+    def __repr__(self) -> str:
+        n = sum(isinstance(p, EncodedImage) for p in self.parts)
+        return f"EncodedTiles({len(self)} tiles, {n} encoded images, backend={self.backend!r})"
+
+
+def _decode_on(decoder: TileDecoder, images: list[EncodedImage], device: torch.device) -> list[torch.Tensor]:
+    try:
+        return decoder.device_tiles(images, device)
+    except ImageDecodeError:
+        if len(images) > 1:
+            return [t for im in images for t in _decode_on(decoder, [im], device)]
+    (im,) = images
+    logger.warning("cannot decode image %s on the rank (its header read fine in the worker); its %d "
+                   "tiles are zeros in this pack", im.source, im.plan.tiles)
+    s = im.plan.image_size
+    return [torch.zeros((im.plan.tiles, 3, s, s), dtype=torch.uint8, device=device)]
+
+
+def encode_image_tiles(
+    path_or_bytes: ImageSource,
+    *,
+    max_tiles: int,
+    min_tiles: int = 1,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    use_thumbnail: bool = True,
+    jpeg_augment: bool = False,
+    rng: Rng | None = None,
+    backend: str | TileDecoder = "pil",
+) -> EncodedTiles | torch.Tensor:
+    """:func:`decode_image_tiles` for ``decode_on: rank``: an image that :func:`travels_encoded`
+    comes back as :class:`EncodedTiles` (its bytes, header-chosen grid and drawn JPEG qualities:
+    the same draws from ``rng`` as a decode), any other is decoded here. ``.to(device)`` of the
+    result gives exactly the tensor :func:`decode_image_tiles` returns, for either backend."""
+    _check_augment(jpeg_augment, rng)
+    decoder = backend if isinstance(backend, TileDecoder) else get_decoder(backend)
+    data, source = read_image_source(path_or_bytes)
+    header = _open_header(data, source)
+    if not travels_encoded(data, header):
+        return _decode(data, source, decoder, max_tiles=max_tiles, min_tiles=min_tiles, image_size=image_size,
+                       use_thumbnail=use_thumbnail, jpeg_augment=jpeg_augment, rng=rng)
+    plan = TilePlan.of(header.width, header.height, min_tiles, max_tiles, image_size, use_thumbnail)
+    if jpeg_augment:
+        plan = replace(plan, qualities=tuple(draw_jpeg_qualities(rng, plan.tiles)))
+    image = EncodedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), source, plan)
+    return EncodedTiles([image], decoder.name, image_size)
+
+
+def concat_tiles(parts: Sequence[torch.Tensor | EncodedTiles]) -> torch.Tensor | EncodedTiles:
+    """``torch.cat`` along the tiles, for tensors and :class:`EncodedTiles` alike."""
+    encoded = [p for p in parts if isinstance(p, EncodedTiles)]
+    if not encoded:
+        return torch.cat(list(parts), dim=0)
+    flat = [q for p in parts for q in (p.parts if isinstance(p, EncodedTiles) else [p]) if EncodedTiles._count(q)]
+    return EncodedTiles(flat, encoded[0].backend, encoded[0].image_size)

@@ -24,6 +24,8 @@ from typing import Any, Hashable, Optional, Sequence
 import numpy as np
 import torch
 
+from .images import concat_tiles
+
 _BIG = 1 << 62
 
 
@@ -131,7 +133,7 @@ class PackedSample:
     labels: np.ndarray          # int64 [L]
     loss_weights: np.ndarray    # float32 [L]
     position_ids: np.ndarray    # float32 [L]
-    pixel_values: torch.Tensor  # uint8 [T, 3, S, S] (normalised on the rank's device)
+    pixel_values: torch.Tensor  # uint8 [T, 3, S, S] (normalised on the rank's device), or images.EncodedTiles
     num_tiles: list             # tiles per image, in order
     dataset_index: int
     key: tuple                  # (rank-local sample index, piece)
@@ -182,7 +184,7 @@ def collate_pack(samples: Sequence[PackedSample], *, image_size: int, pad_to_mul
     seg = np.diff(cu)
     pix = [s.pixel_values for s in samples if s.tiles]
     if pix:
-        pixel_values = torch.cat(pix, dim=0)
+        pixel_values = concat_tiles(pix)
     else:
         pixel_values = torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
     num_tiles = [n for s in samples for n in s.num_tiles]

@@ -24,7 +24,7 @@ import torch
 
 from megatron_internvl.config.data import DataConfig, DatasetSpec
 
-from .images import ImageDecodeError
+from .images import ImageDecodeError, concat_tiles
 from .loss_weights import square_average_weights
 from .packing import PackedSample
 from .positions import image_deltas, position_ids
@@ -196,7 +196,7 @@ class SampleBuilder:
                 raise SkipSample("corrupt_image", f"image {path!r} cannot be decoded: {str(e)[:200]}")
             out.append(t)
             tiles.append(int(t.shape[0]))
-        return torch.cat(out, dim=0), tiles
+        return concat_tiles(out), tiles
 
     def _load_video(self, spec: DatasetSpec, rel: str, rng) -> torch.Tensor:
         path = resolve_media(spec.root, rel)

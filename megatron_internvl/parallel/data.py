@@ -105,7 +105,9 @@ class BroadcastLoader:
     def fetch_pixels(self, batch: dict[str, Any]) -> torch.Tensor:
         """A :meth:`next_deferred` batch's pixels on this rank's device: the source copies them
         (asynchronously from pinned memory), the other tensor-parallel ranks of the first stage
-        receive them; every such rank must call this for the same batches in the same order."""
+        receive them; every such rank must call this for the same batches in the same order.
+        With ``data.decode_on: rank`` the source's pixels are the workers' encoded images
+        (``data.images.EncodedTiles``, same shape and dtype), and ``.to`` decodes them here."""
         pixels = batch[_PIXELS]
         if not self.needs_pixels:
             return pixels
