@@ -13,7 +13,9 @@ Steps (each in its own process; a failing step is recorded and the others still 
    for each spec the node builds (local always, Transformer Engine where it is importable): the
    host reads of one training step (the same for 2 and 4 LLM layers, within a written budget) and
    one LLM layer in BF16 against fp32 (logits and every gradient); the compiled Triton
-   cross-entropy kernel against the torch path in BF16; with TE only: the converter's checkpoint
+   cross-entropy kernel against the torch path in BF16; where DALI is importable: real JPEGs decoded
+   in this process by ``data.decode_on: rank``'s path (nvJPEG ``mixed``) against Pillow's official
+   transform (max / mean abs difference of the normalised tiles); with TE only: the converter's checkpoint
    loaded into the TE spec, 20 BF16 steps with an async save at step 10, the process killed,
    resumed, losses of steps 11-20 bitwise those of an uninterrupted run; and FP8 for 50 steps
    within 2% of BF16 at every step. What a node cannot run is listed as skipped, by name;
@@ -501,7 +503,72 @@ def spec_checks(work: Path) -> dict:
             out["triton_ce"] = {"error": f"{type(exc).__name__}: {exc}"}
     else:
         skipped["triton_ce"] = "needs CUDA and triton"
+    if _has("nvidia.dali"):
+        try:
+            out["rank_decode"] = rank_decode()
+        except Exception as exc:
+            traceback.print_exc()
+            out["rank_decode"] = {"error": f"{type(exc).__name__}: {exc}"}
+    else:
+        skipped["rank_decode"] = "needs NVIDIA DALI (nvidia.dali not importable)"
     return {"checks": out, "skipped": skipped}
+
+
+RANK_DECODE_TOL = {"max": 0.35, "mean": 0.005}  # DALI-CPU's measured bounds (docs/data.md); GPU: measured here
+
+
+def _photos() -> dict[str, Path]:
+    """The real photos the data tests use (tests/data/test_images.py), where their packages are."""
+    where = {"grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+             "china": ("sklearn", "datasets/images/china.jpg"), "flower": ("sklearn", "datasets/images/flower.jpg")}
+    out = {}
+    for name, (package, rel) in where.items():
+        spec = importlib.util.find_spec(package)
+        if spec is not None and (Path(spec.submodule_search_locations[0]) / rel).is_file():
+            out[name] = Path(spec.submodule_search_locations[0]) / rel
+    return out
+
+
+def rank_decode() -> dict:
+    """``data.decode_on: rank`` in this process: JPEG bytes (as workers hand them over) decoded with
+    DALI on the GPU (``mixed``: nvJPEG, GPU resize, tiles cut on the device), normalised there,
+    against Pillow's official transform on the CPU; and one batched decode of all the images
+    against the images decoded one by one. On CPU (smoke) DALI-CPU runs the same code."""
+    import torch
+
+    from megatron_internvl.data.images import concat_tiles, encode_image_tiles, load_image_tiles
+    from megatron_internvl.models.pixels import normalize_pixels
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    photos = _photos()
+    if not photos:
+        return {"error": "no test photos (matplotlib / scikit-learn sample images) on this node"}
+    rows, encoded, singles = [], [], []
+    for name, path in photos.items():
+        for max_tiles in (1, 6, 12):
+            enc = encode_image_tiles(path, max_tiles=max_tiles, backend="dali")
+            got = enc.to(device)
+            want = load_image_tiles(path, max_tiles=max_tiles, backend="pil")
+            diff = (normalize_pixels(got).cpu() - want).abs()
+            rows.append({"photo": name, "max_tiles": max_tiles, "tiles": int(got.shape[0]),
+                         "max_abs": float(diff.max()), "mean_abs": float(diff.mean())})
+            encoded.append(enc)
+            singles.append(got)
+    concat_tiles(encoded).to(device)   # warm-up: the pipeline is rebuilt for the larger batch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    batch = concat_tiles(encoded).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    worst = max(rows, key=lambda r: r["max_abs"])
+    mean = max(r["mean_abs"] for r in rows)
+    same = bool(torch.equal(batch, torch.cat(singles)))
+    return {"device": str(device), "rows": rows, "max_abs": worst["max_abs"], "worst": f"{worst['photo']} "
+            f"max_tiles={worst['max_tiles']}", "mean_abs": mean, "tolerance": RANK_DECODE_TOL,
+            "batch_equals_single": same, "batch_tiles": int(batch.shape[0]), "batch_seconds": seconds,
+            "ok": same and worst["max_abs"] <= RANK_DECODE_TOL["max"] and mean <= RANK_DECODE_TOL["mean"]}
 
 
 # --- 2c. the Transformer Engine spec: resume and FP8 ------------------------------------------------
@@ -795,6 +862,13 @@ def summary_md(res: dict, smoke: bool) -> str:
             errs = ", ".join(f"{k} {v:.1e}" for k, v in c["rel_l2"].items())
             lines.append(f"- triton_ce: Triton vs torch, BF16 {c['shape']}: {errs}; "
                          f"{c['seconds']['triton']:.3f} s vs {c['seconds']['torch']:.3f} s, {'OK' if c['ok'] else 'FAIL'}")
+        elif name == "rank_decode":
+            lines.append(f"- rank_decode: JPEG bytes decoded in the training process by DALI on {c['device']} vs "
+                         f"Pillow's official transform, normalised tiles: max abs {c['max_abs']:.3f} ({c['worst']}), "
+                         f"mean abs at most {c['mean_abs']:.4f} (limits {c['tolerance']['max']} / "
+                         f"{c['tolerance']['mean']}); one batch of {c['batch_tiles']} tiles in {c['batch_seconds']:.3f} s, "
+                         f"{'equal' if c['batch_equals_single'] else 'NOT equal'} to one by one, "
+                         f"{'OK' if c['ok'] else 'FAIL'}")
         elif name == "te_resume":
             lines.append(f"- te_resume: TE spec from the converter, killed after step {c['killed_after_step']} was "
                          f"logged (async save at {c['save_at']}), resumed from step {c['resumed_from']}: "

@@ -40,9 +40,13 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert training["ok"] and 0 < training["max_rel_diff"] <= training["limit"]
 
     specs = res["specs"]
+    dali = {"rank_decode"} if res["env"]["dali"] else set()   # DALI-CPU runs the rank-decode step here
     assert set(specs["skipped"]) == {"host_syncs[te]", "layer_grads[te]", "triton_ce", "te_resume",
-                                     "fp8_vs_bf16"}, specs["skipped"]
-    assert set(specs["checks"]) == {"host_syncs[local]", "layer_grads[local]"}
+                                     "fp8_vs_bf16", "rank_decode"} - dali, specs["skipped"]
+    assert set(specs["checks"]) == {"host_syncs[local]", "layer_grads[local]"} | dali
+    if dali:
+        decode = specs["checks"]["rank_decode"]
+        assert decode["ok"] and decode["batch_equals_single"] and 0 < decode["max_abs"] <= decode["tolerance"]["max"]
     syncs = specs["checks"]["host_syncs[local]"]
     assert syncs["ok"] and len(set(syncs["reads_per_step"].values())) == 1  # 2 and 4 LLM layers
     grads = specs["checks"]["layer_grads[local]"]
