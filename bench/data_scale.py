@@ -113,6 +113,22 @@ def make_mixture(work: Path, n: int, seed: int = 0) -> Path:
     return meta
 
 
+def index_mixture(cfg: DataConfig, work: Path, workers: int) -> tuple[dict, float]:
+    """`build_index` over the mixture; its wall time is kept in the work folder, so a later run
+    that finds the index complete (nothing rebuilt) reports the time of the build it reuses."""
+    record = work / "index_build.json"
+    t = time.perf_counter()
+    report = build_index(cfg, str(work / "index"), workers=workers)
+    index_s = time.perf_counter() - t
+    if report["chunks_built"]:
+        record.write_text(json.dumps({"index_s": index_s, "workers": workers}))
+    elif record.is_file():
+        saved = json.loads(record.read_text())
+        report = {**report, "reused": True, "reused_open_s": index_s, "workers": saved["workers"]}
+        index_s = saved["index_s"]
+    return report, index_s
+
+
 class OpenCounter:
     """Counts every builtins.open (PIL opens image files through it) while active."""
 
@@ -139,23 +155,25 @@ def measure_reader(cfg: DataConfig, dp: int, micro: int, steps: int) -> dict:
     startup = {"wall_s": time.perf_counter() - t0w, "cpu_s": time.process_time() - t0c, "files_opened": opened.n}
 
     meta_cpu = [0.0]
-    read = loader._read_sample
 
-    def timed_read():
-        t = time.process_time()
-        try:
-            return read()
-        finally:
-            meta_cpu[0] += time.process_time() - t
+    def timed(read):
+        def timed_read(*a):
+            t = time.process_time()
+            try:
+                return read(*a)
+            finally:
+                meta_cpu[0] += time.process_time() - t
+        return timed_read
 
-    loader._read_sample = timed_read
+    # metadata: a sample at a time (today), or the global batch's index rows at once (indexed)
+    loader._read_sample, loader._read_units = timed(loader._read_sample), timed(loader._read_units)
     plan = loader.planner.plan
     plan_cpu = [0.0]
 
-    def timed_plan(r):
+    def timed_plan(*a):
         t = time.process_time()
         try:
-            return plan(r)
+            return plan(*a)
         finally:
             plan_cpu[0] += time.process_time() - t
 
@@ -242,11 +260,9 @@ def main(argv=None) -> int:
     made_s = time.perf_counter() - t
     settings = {**SETTINGS, "max_tokens": args.max_tokens, "max_tiles": args.max_tiles}
     cfg = DataConfig(meta_path=str(meta), tokenizer_path=str(work / "tokenizer.json"), **settings)
-    t = time.perf_counter()
-    report = build_index(cfg, str(work / "index"), workers=args.workers)
-    index_s = time.perf_counter() - t
+    report, index_s = index_mixture(cfg, work, args.workers)
     print(f"mixture {made_s:.1f} s, index {index_s:.1f} s ({report['lines']} lines, {report['skipped']} skipped, "
-          f"{report['chunks_built']} chunks built)", flush=True)
+          f"{report['chunks_built']} chunks built{', reused' if report.get('reused') else ''})", flush=True)
     indexed = DataConfig(**{**cfg.__dict__, "index_path": str(work / "index")})
     results = []
     for dp in args.dp:
@@ -282,7 +298,9 @@ def render(out: dict) -> str:
         f"{out['samples']:,} annotation lines ({', '.join(f'{k} {v:.0%}' for k, v in out['mixture'].items())}), "
         f"16 JPEGs reused; packs of {out['settings']['max_tokens']} tokens / {out['settings']['max_tiles']} tiles, "
         f"448 px tiles, {out['micro']} packs per rank per step (G = DP x {out['micro']}). Index built in "
-        f"{out['index_s']:.0f} s with {out['index_workers']} processes. One process per reader "
+        f"{out['index_s']:.0f} s with {out['index'].get('workers', out['index_workers'])} processes"
+        f"{' (an earlier run of the same command; reused here)' if out['index'].get('reused') else ''}. "
+        f"One process per reader "
         f"(`num_workers=0`), CPU time; load average {out['machine']['load_avg_end']:.1f} at the end on "
         f"{out['machine']['cpus']} cores (other jobs ran).",
         "",

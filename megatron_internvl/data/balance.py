@@ -98,6 +98,51 @@ class CostModel:
     def of_units(self, units: Sequence[Unit]) -> float:
         return sum(self.of(u) for u in units)
 
+    def of_columns(self, cols: "UnitColumns") -> np.ndarray:
+        """`of` of every unit at once: the same float64 operations in the same order, so equal
+        bit for bit."""
+        return self.per_token * cols.tokens + self.per_square * cols.squares + self.per_tile * cols.tiles
+
+    def of_packs(self, packs: Sequence[Sequence[Unit]]) -> list[float]:
+        """`of_units` of every pack, bit for bit (each pack summed in its order, from 0)."""
+        flat = [u for p in packs for u in p]
+        return sequential_sums(self.of_columns(UnitColumns.of(flat)), [len(p) for p in packs])
+
+
+@dataclass(frozen=True)
+class UnitColumns:
+    """The planner's numbers of a list of units as arrays: tokens, tiles, and the sum of the
+    squared sequence lengths (float64, summed as `CostModel.of` does)."""
+
+    tokens: np.ndarray
+    tiles: np.ndarray
+    squares: np.ndarray
+
+    @classmethod
+    def of(cls, units: Sequence[Unit]) -> "UnitColumns":
+        n = len(units)
+        tok = np.fromiter((u.tokens for u in units), dtype=np.int64, count=n)
+        til = np.fromiter((u.tiles for u in units), dtype=np.int64, count=n)
+        ftok = tok.astype(np.float64)
+        sq = ftok * ftok  # one sequence of `tokens` (every unit but MPO pairs)
+        for k, u in enumerate(units):
+            if u.lengths and u.lengths != (u.tokens,):
+                sq[k] = sum(float(m) * m for m in u.lengths)
+        return cls(tok, til, sq)
+
+
+def sequential_sums(values: np.ndarray, counts: Sequence[int]) -> list[float]:
+    """Sums of consecutive runs of `values` (`counts[k]` values each), each added left to right
+    from 0 as Python's `sum` does (numpy's own sums are pairwise: other roundings). Vectorised
+    over the runs: step j adds every run's j-th value."""
+    counts = np.asarray(counts, dtype=np.int64)
+    starts = np.cumsum(counts) - counts
+    out = np.zeros(counts.size)
+    for j in range(int(counts.max()) if counts.size else 0):
+        live = np.flatnonzero(counts > j)
+        out[live] += values[starts[live] + j]
+    return out.tolist()
+
 
 def default_cost(balance: str) -> Optional[CostModel]:
     """The cost when the caller names no model: the schema's default model for `compute`."""
@@ -108,7 +153,7 @@ def default_cost(balance: str) -> Optional[CostModel]:
     return None
 
 
-def form_packs(pool: Sequence[Unit], num_packs: int, max_tokens: int, max_tiles: int,
+def form_packs(pool: "Sequence[Unit] | UnitColumns", num_packs: int, max_tokens: int, max_tiles: int,
                cost: CostModel, forced: int = 0) -> tuple[list[list[int]], list[int]]:
     """Place pool units into `num_packs` packs of near-equal cost under both budgets.
 
@@ -121,24 +166,28 @@ def form_packs(pool: Sequence[Unit], num_packs: int, max_tokens: int, max_tiles:
     over. Deterministic: ties go to the lower pack
     number / earlier position.
     """
-    n = len(pool)
+    cols = pool if isinstance(pool, UnitColumns) else UnitColumns.of(pool)
+    n = len(cols.tokens)
     G = num_packs
-    tok = np.fromiter((u.tokens for u in pool), dtype=np.int64, count=n)
-    til = np.fromiter((u.tiles for u in pool), dtype=np.int64, count=n)
-    cst = np.fromiter((cost.of(u) for u in pool), dtype=np.float64, count=n)
+    tok = cols.tokens
+    cst = cost.of_columns(cols)
     key = cst - cost.per_token * tok if (cost.per_square or cost.per_tile) else cst
     rest = np.arange(forced, n)
     order = np.concatenate([np.arange(forced), rest[np.argsort(-key[forced:], kind="stable")]])
     # min tokens among the units not yet considered: packs with less room are closed for good
-    suffix_min = np.minimum.accumulate(tok[order][::-1])[::-1] if n else tok
-    pack_key = np.zeros(G)
-    room_tok = np.full(G, max_tokens, dtype=np.int64)
-    room_til = np.full(G, max_tiles, dtype=np.int64)
+    suffix_min = (np.minimum.accumulate(tok[order][::-1])[::-1] if n else tok).tolist()
+    # The greedy placement is sequential: Python lists for the per-unit steps, numpy copies of
+    # the rooms and keys for the full scan when the smallest pack does not fit.
+    tok_l, til_l, key_l = tok.tolist(), cols.tiles.tolist(), key.tolist()
+    pack_key, room_tok, room_til = [0.0] * G, [max_tokens] * G, [max_tiles] * G
+    key_a = np.zeros(G)
+    room_tok_a = np.full(G, max_tokens, dtype=np.int64)
+    room_til_a = np.full(G, max_tiles, dtype=np.int64)
     packs: list[list[int]] = [[] for _ in range(G)]
     heap = [(0.0, b) for b in range(G)]
     left: list[int] = []
-    for pos, i in enumerate(order):
-        t, v = tok[i], til[i]
+    for pos, i in enumerate(order.tolist()):
+        t, v = tok_l[i], til_l[i]
         b = -1
         # fast path: the pack with the smallest key (lazy heap; stale or closed entries dropped)
         while heap:
@@ -151,15 +200,16 @@ def form_packs(pool: Sequence[Unit], num_packs: int, max_tokens: int, max_tiles:
                 heapq.heappop(heap)
             break
         if b < 0:
-            fits = (room_tok >= t) & (room_til >= v)
-            if not fits.any():
-                left.append(int(i))
+            keys = np.where((room_tok_a >= t) & (room_til_a >= v), key_a, np.inf)
+            b = int(keys.argmin())
+            if keys[b] == np.inf:  # fits nowhere
+                left.append(i)
                 continue
-            b = int(np.argmin(np.where(fits, pack_key, np.inf)))
-        packs[b].append(int(i))
-        pack_key[b] += key[i]
+        packs[b].append(i)
+        pack_key[b] += key_l[i]
         room_tok[b] -= t
         room_til[b] -= v
+        key_a[b], room_tok_a[b], room_til_a[b] = pack_key[b], room_tok[b], room_til[b]
         heapq.heappush(heap, (pack_key[b], b))
     return packs, sorted(left)
 
@@ -182,25 +232,33 @@ class StepPlanner:
         self.live: dict[tuple, Unit] = {}    # units inside the packer's buffer (none)
         self.exhausted = False
 
-    def plan(self, read: Callable[[], Optional[list]]) -> list[list[Unit]]:
-        """The next step's packs in plan order; fewer than G only at the end of a finite stream."""
+    def plan(self, read: Callable[[], Optional[list]],
+             read_units: Optional[Callable[[int], tuple]] = None) -> list[list[Unit]]:
+        """The next step's packs in plan order; fewer than G only at the end of a finite stream.
+        `read_units(n) -> (units, ended)`, where the reader has it, returns at once what calling
+        `read()` until the units hold `n` more tokens would (whole samples, in order)."""
         if self.balance == "none":
             return self._stream(read)
         G = self.G
-        pool = sorted(self.unplaced, key=lambda x: -x[1])   # oldest first (stable)
+        carried = sorted(self.unplaced, key=lambda x: -x[1])   # oldest first (stable)
+        pool, ages = [u for u, _ in carried], [a for _, a in carried]   # new units: age 0
         need = (G + self.lookahead) * self.max_tokens
-        have = sum(u.tokens for u, _ in pool)
+        have = sum(u.tokens for u in pool)
+        if read_units is not None and have < need and not self.exhausted:
+            units, self.exhausted = read_units(need - have)
+            pool += units
+            have += sum(u.tokens for u in units)
         while have < need and not self.exhausted:
             units = read()
             if units is None:
                 self.exhausted = True
                 break
-            pool += [[u, 0] for u in units]
+            pool += units
             have += sum(u.tokens for u in units)
-        forced = len(pool) if self.exhausted else sum(1 for _, a in pool if a >= FORCE_AGE)
-        bins, left = form_packs([u for u, _ in pool], G, self.max_tokens, self.max_tiles, self.cost, forced)
-        self.unplaced = [[pool[i][0], pool[i][1] + 1] for i in left]
-        packs = [[pool[i][0] for i in b] for b in bins]
+        forced = len(pool) if self.exhausted else sum(1 for a in ages if a >= FORCE_AGE)
+        bins, left = form_packs(pool, G, self.max_tokens, self.max_tiles, self.cost, forced)
+        self.unplaced = [[pool[i], ages[i] + 1 if i < len(ages) else 1] for i in left]
+        packs = [[pool[i] for i in b] for b in bins]
         return [p for p in packs if p] if self.exhausted else packs
 
     def _stream(self, read) -> list[list[Unit]]:

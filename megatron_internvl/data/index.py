@@ -201,22 +201,68 @@ class SampleIndex:
         """Random access into the annotation files from the indexed offsets (no scan)."""
         return [JsonlFile.from_offsets(s.annotation, p.starts, p.ends, p.line_no) for s, p in zip(specs, self.parts)]
 
-    def lookup(self, ds: np.ndarray, line: np.ndarray) -> list[IndexedLine]:
-        """The rows of (dataset, line) pairs, in their order; vectorised per dataset."""
-        out: list[Optional[IndexedLine]] = [None] * len(ds)
-        for d in np.unique(ds):
-            part = self.parts[int(d)]
+    def lookup_columns(self, ds: np.ndarray, line: np.ndarray) -> "IndexedRows":
+        """The rows of (dataset, line) pairs as columns, in their order (numpy, per dataset)."""
+        ds, line = np.asarray(ds, dtype=np.int64), np.asarray(line, dtype=np.int64)
+        n = ds.size
+        line_no, skip, counts = np.zeros(n, np.int64), np.zeros(n, np.int8), np.zeros(n, np.int64)
+        p0 = np.zeros(n, np.int64)
+        for d in np.unique(ds).tolist():
+            part = self.parts[d]
             where = np.flatnonzero(ds == d)
             rows = line[where]
-            p0, p1 = part.piece_start[rows], part.piece_start[rows + 1]
-            counts = p1 - p0
-            first = np.cumsum(counts) - counts
-            pieces = np.repeat(p0 - first, counts) + np.arange(int(counts.sum()))
-            tok, til = part.piece_tokens[pieces].tolist(), part.piece_tiles[pieces].tolist()
-            for w, r, s, f, c, ln in zip(where.tolist(), rows.tolist(), part.skip[rows].tolist(),
-                                         first.tolist(), counts.tolist(), part.line_no[rows].tolist()):
-                if s >= 0:
-                    out[w] = IndexedLine(ln, SKIP_REASONS[s], part.message(r), [])
-                else:
-                    out[w] = IndexedLine(ln, None, "", list(zip(tok[f:f + c], til[f:f + c])))
+            line_no[where], skip[where] = part.line_no[rows], part.skip[rows]
+            p0[where] = part.piece_start[rows]
+            counts[where] = part.piece_start[rows + 1] - p0[where]
+        offsets = np.cumsum(counts) - counts
+        total = int(counts.sum())
+        # flat piece position -> (row, piece of the row)
+        row_of = np.repeat(np.arange(n), counts)
+        piece = np.arange(total) - offsets[row_of]
+        tokens, tiles = np.zeros(total, np.int64), np.zeros(total, np.int64)
+        for d in np.unique(ds).tolist():
+            part = self.parts[d]
+            flat = np.flatnonzero(ds[row_of] == d)
+            src = p0[row_of[flat]] + piece[flat]
+            tokens[flat], tiles[flat] = part.piece_tokens[src], part.piece_tiles[src]
+        return IndexedRows(self, ds, line, line_no, skip, counts, offsets, row_of, piece, tokens, tiles)
+
+    def lookup(self, ds: np.ndarray, line: np.ndarray) -> list[IndexedLine]:
+        """The rows of (dataset, line) pairs, in their order, one object per row."""
+        cols = self.lookup_columns(ds, line)
+        tok, til = cols.tokens.tolist(), cols.tiles.tolist()
+        out = []
+        for k, (ln, s, f, c) in enumerate(zip(cols.line_no.tolist(), cols.skip.tolist(), cols.offsets.tolist(),
+                                              cols.counts.tolist())):
+            if s >= 0:
+                out.append(IndexedLine(ln, SKIP_REASONS[s], cols.message(k), []))
+            else:
+                out.append(IndexedLine(ln, None, "", list(zip(tok[f:f + c], til[f:f + c]))))
         return out
+
+
+@dataclass
+class IndexedRows:
+    """Index rows as columns: per row its dataset, line, line number, skip code (-1: none), piece
+    count and first piece (`offsets`); per piece (rows in order) its row, its position in that
+    row, LLM tokens and ViT tiles."""
+
+    index: SampleIndex
+    ds: np.ndarray
+    line: np.ndarray
+    line_no: np.ndarray
+    skip: np.ndarray
+    counts: np.ndarray
+    offsets: np.ndarray
+    row: np.ndarray
+    piece: np.ndarray
+    tokens: np.ndarray
+    tiles: np.ndarray
+
+    def message(self, k: int) -> str:
+        return self.index.parts[int(self.ds[k])].message(int(self.line[k]))
+
+    def row_tokens(self) -> np.ndarray:
+        """Each row's tokens (its pieces' sum; 0 for a skipped line)."""
+        cum = np.concatenate([[0], np.cumsum(self.tokens)])
+        return cum[self.offsets + self.counts] - cum[self.offsets]

@@ -5,9 +5,11 @@ Per optimizer step the global batch is `packs_per_step` (G) packs, whatever the 
 1. metadata: the samples of the global order are built with a header-only media reader
    (templating and tokenization, tile counts from image headers, no pixels) into `Unit`s, or,
    with a sample index (`data.index_path`, data/index.py), read from its rows: a reader then
-   touches only the index rows of each global batch and the media of its own packs;
+   touches only the index rows of each global batch and the media of its own packs, and reads
+   those rows as numpy columns, the global batch's worth at once (`_read_units`);
 2. plan: `balance.form_packs` (or the streaming `TwoBudgetPacker` for `balance: none`) forms the
-   G packs from the carried-over units plus new ones; every rank computes the same plan;
+   G packs from the carried-over units plus new ones; every rank computes the same plan (costs
+   as numpy over the global batch, equal bit for bit to the per-unit formula);
 3. deal: `balance.deal` gives each DP rank G / DP packs (its micro-batches);
 4. decode: the rank builds the samples of its own packs only (pixels, V2PE, loss weights),
    in DataLoader workers, and collates each pack.
@@ -34,7 +36,7 @@ from .balance import CostModel, StepPlanner, Unit, deal, default_cost, imbalance
 from .index import SampleIndex
 from .order import GlobalOrder
 from .packing import collate_pack
-from .samples import SampleBuilder, Skip
+from .samples import SKIP_REASONS, SampleBuilder, Skip
 from .sources import JsonlFile
 from .state import DataResumeError, SkipStats, passthrough
 from .stream import SampleStream
@@ -134,7 +136,9 @@ class PlannedLoader:
         self._meta_stream: Optional[Iterator] = None
         self._meta_loader = None
         self.index = index
-        self._indexed: deque = deque()   # rows read ahead from the index (not state: derived)
+        # index rows read ahead (not state: derived from the position): the first's global index
+        self._block, self._block_start, self._block_tokens = None, 0, None
+        self._one: deque = deque()  # the block's samples for one-at-a-time reads (balance: none)
         # consumer side
         self._snapshots: dict[int, dict] = {}
         self._plan_stats: dict[int, dict] = {}
@@ -159,7 +163,7 @@ class PlannedLoader:
             prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
         return iter(self._meta_loader)
 
-    INDEX_READ_AHEAD = 256
+    INDEX_READ_AHEAD = 4096
 
     def _index_rows(self, i: int, n: int) -> list:
         """(global index, units | Skip) of the samples i .. i + n - 1, from the index rows."""
@@ -174,20 +178,77 @@ class PlannedLoader:
                 out.append((j, [Unit((j, p), t, n_tiles, (t,)) for p, (t, n_tiles) in enumerate(row.pieces)]))
         return out
 
-    def _read_indexed(self):
-        if not self._indexed:
-            n = self.INDEX_READ_AHEAD
-            if self.stop_after is not None:
-                n = min(n, self.stop_after - self._next_i)
-            if n <= 0:
-                raise StopIteration
-            self._indexed.extend(self._index_rows(self._next_i, n))
-        return self._indexed.popleft()
+    def _index_block(self):
+        """The read-ahead rows holding sample `_next_i` (read now if need be); None past the end."""
+        block = self._block
+        if block is not None and self._next_i - self._block_start < block.skip.size:
+            return block
+        n = self.INDEX_READ_AHEAD
+        if self.stop_after is not None:
+            n = min(n, self.stop_after - self._next_i)
+        if n <= 0:
+            return None
+        ds, lines = self.order.locate_many(np.arange(self._next_i, self._next_i + n, dtype=np.int64))
+        self._block, self._block_start = self.index.lookup_columns(ds, lines), self._next_i
+        self._block_tokens = self._block.row_tokens()
+        return self._block
+
+    def _read_units(self, tokens: int) -> tuple[list[Unit], bool]:
+        """The planner's bulk read from the index: the units of as many whole samples as calling
+        `_read_sample` until they hold `tokens` tokens would give, with the samples' skips
+        recorded, and whether the stream ended first. Numpy over the rows: no per-sample Python
+        beyond the units themselves."""
+        units: list[Unit] = []
+        want = tokens
+        self._one.clear()
+        while True:
+            block = self._index_block()
+            if block is None:
+                return units, True
+            pos = self._next_i - self._block_start
+            good = block.skip[pos:] < 0
+            cum = np.cumsum(np.where(good, self._block_tokens[pos:], 0))
+            hits = np.flatnonzero(good & (cum >= want))
+            end = pos + int(hits[0]) + 1 if hits.size else pos + good.size
+            units += self._block_units(block, pos, end)
+            for k in (pos + np.flatnonzero(~good[:end - pos])).tolist():
+                d = int(block.ds[k])
+                self._record_skip(Skip(SKIP_REASONS[int(block.skip[k])], self.dataset_names[d],
+                                       self.builder.files[d].path, int(block.line_no[k]), block.message(k)))
+            self.skips.seen += end - pos
+            self._next_i += end - pos
+            if hits.size:
+                return units, False
+            want -= int(cum[-1]) if cum.size else 0
+
+    def _block_samples(self, block, pos: int) -> list:
+        """(units | Skip) of each row from `pos` to the block's end (the one-at-a-time reads)."""
+        units = iter(self._block_units(block, pos, block.skip.size))
+        out = []
+        for k, (s, c) in enumerate(zip(block.skip[pos:].tolist(), block.counts[pos:].tolist()), pos):
+            if s >= 0:
+                d = int(block.ds[k])
+                out.append(Skip(SKIP_REASONS[s], self.dataset_names[d], self.builder.files[d].path,
+                                int(block.line_no[k]), block.message(k)))
+            else:
+                out.append([next(units) for _ in range(c)])
+        return out
+
+    def _block_units(self, block, a: int, b: int) -> list[Unit]:
+        """The units of the rows a .. b - 1 that are not skipped: one per piece, key (sample, piece)."""
+        lo = int(block.offsets[a])
+        hi = int(block.offsets[b - 1] + block.counts[b - 1]) if b > a else lo
+        row = block.row[lo:hi]
+        keep = block.skip[row] < 0
+        j = (row[keep] + self._block_start).tolist()
+        t, v = block.tokens[lo:hi][keep].tolist(), block.tiles[lo:hi][keep].tolist()
+        p = block.piece[lo:hi][keep].tolist()
+        return [Unit((j_, p_), t_, v_, (t_,)) for j_, p_, t_, v_ in zip(j, p, t, v)]
 
     def _read_sample(self) -> Optional[list[Unit]]:
         """Units of the next sample that is not skipped; None at the end of a finite stream."""
         if self._meta_stream is None:
-            self._meta_stream = iter(self._read_indexed, None) if self.index is not None else self._open_meta()
+            self._meta_stream = self._one_indexed() if self.index is not None else self._open_meta()
         while True:
             try:
                 i, res = next(self._meta_stream)
@@ -202,6 +263,17 @@ class PlannedLoader:
                 continue
             return res if self.index is not None else [unit_of(p) for p in res]
 
+    def _one_indexed(self) -> Iterator:
+        """(global index, units | Skip) of the samples from `_next_i` on, from the index rows."""
+        while True:
+            if not self._one:
+                block = self._index_block()
+                if block is None:
+                    return
+                start = self._next_i
+                self._one.extend(enumerate(self._block_samples(block, start - self._block_start), start))
+            yield self._one.popleft()
+
     def _record_skip(self, s: Skip) -> None:
         # every rank reads the same metadata: one rank logs
         self.skips.record(s, self.cfg, "in the global stream", log=self.dp_rank == 0)
@@ -213,20 +285,22 @@ class PlannedLoader:
         while True:
             s = self.step
             self._snapshots[s] = self._plan_state()
-            packs = self.planner.plan(self._read_sample)
+            packs = self.planner.plan(self._read_sample, self._read_units if self.index is not None else None)
             if not packs:
                 return
             self.step += 1
-            costs = [self.cost.of_units(p) for p in packs] if self.cost else [0.0] * len(packs)
+            metric = self.metric_cost.of_packs(packs)
+            costs = (metric if self.cost is self.metric_cost else self.cost.of_packs(packs)) if self.cost \
+                else [0.0] * len(packs)
             ranks = deal(costs, self.dp_size, balanced=self.balance != "none")
-            metric = [self.metric_cost.of_units(p) for p in packs]
+            tokens = sum(u.tokens for p in packs for u in p)
             self._plan_stats[s] = {
                 "rank_imbalance": imbalance([sum(metric[k] for k in r) for r in ranks]),
                 "micro_imbalance": imbalance(metric),
-                "fill": sum(u.tokens for p in packs for u in p) / (len(packs) * self.cfg.max_tokens),
+                "fill": tokens / (len(packs) * self.cfg.max_tokens),
             }
             self.plan_packs += len(packs)
-            self.plan_real_tokens += sum(u.tokens for p in packs for u in p)
+            self.plan_real_tokens += tokens
             for m, k in enumerate(ranks[self.dp_rank]):
                 if s == self._restored_step and m < self._skip_micro:
                     continue

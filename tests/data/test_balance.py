@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_internvl.data.balance import CostModel, StepPlanner, Unit, deal, form_packs, imbalance
+from megatron_internvl.data.balance import (
+    CostModel,
+    StepPlanner,
+    Unit,
+    UnitColumns,
+    deal,
+    form_packs,
+    imbalance,
+    sequential_sums,
+)
 from megatron_internvl.data.build import build_data_loader
 from megatron_internvl.models.flops import StepShapes, step_flops
 
@@ -94,6 +103,24 @@ def test_form_packs_and_deal_properties():
     ranks = deal([5.0, 1.0, 4.0, 2.0, 3.0, 3.0], 3, balanced=True)
     assert sorted(len(r) for r in ranks) == [2, 2, 2] and sorted(k for r in ranks for k in r) == list(range(6))
     assert deal(list(range(6)), 3, balanced=False) == [[0, 3], [1, 4], [2, 5]]
+
+
+def test_vectorised_costs_are_the_per_unit_costs_bit_for_bit():
+    """The planner's costs over the whole global batch (numpy) equal CostModel.of / of_units
+    exactly, MPO-style units of two sequences included: plans cannot drift from the rounding."""
+    rng = np.random.default_rng(1)
+    units = [Unit((i, 0), int(t), int(rng.integers(0, 13)),
+                  (int(t),) if i % 3 else (int(t) // 3, int(t) - int(t) // 3) if i % 2 else ())
+             for i, t in enumerate(rng.integers(1, 9000, 500))]
+    packs = [units[a:b] for a, b in [(0, 0), (0, 7), (7, 8), (8, 200), (200, 500)]]
+    for cost in (CostModel.for_model(SHAPES["InternVL3-8B"]), CostModel.tokens(), CostModel(1.3, 7e-5, 311.7)):
+        assert cost.of_columns(UnitColumns.of(units)).tolist() == [cost.of(u) for u in units]
+        assert cost.of_packs(packs) == [cost.of_units(p) for p in packs]
+    values = rng.standard_normal(50) * 1e6
+    assert sequential_sums(values, [0, 3, 40, 7]) == [
+        sum(values[a:b].tolist()) for a, b in [(0, 0), (0, 3), (3, 43), (43, 50)]]
+    assert form_packs(UnitColumns.of(units), 9, 16384, 40, CostModel(1.3, 7e-5, 311.7), 4) == \
+        form_packs(units, 9, 16384, 40, CostModel(1.3, 7e-5, 311.7), 4)
 
 
 # --------------------------------------------------------------------------- the planned loader
