@@ -151,7 +151,8 @@ def test_loader_packs_and_resume_are_the_same_with_rank_decode(backend, tmp_path
 
     def loader(decode_on, state=None):
         cfg = DataConfig(datasets=specs, tokenizer_path=bpe, image_size=28, num_image_token=4, max_tokens=256,
-                         max_tiles=16, pad_to_multiple=16, num_workers=1, seed=5, image_backend=backend,
+                         max_tiles=16, pad_to_multiple=16, seed=5, image_backend=backend,
+                         num_workers=1 if backend == "pil" else 0,   # one worker: EncodedTiles through its queue
                          decode_on=decode_on)
         return build_data_loader(cfg, dp_rank=0, dp_size=2, packs_per_step=4, stop_after=16, state=state)
 
