@@ -133,7 +133,7 @@ def flash_plan(env: Environment, te_spec: bool, flash_attention: str = "auto"):
 
 
 def report(env: Environment | None = None, spec: str = "auto", image_backend: str = "pil",
-           flash_attention: str = "auto") -> dict:
+           flash_attention: str = "auto", decode_on: str = "worker") -> dict:
     """Everything ``doctor`` prints, as a dict (the GPU check records it)."""
     from megatron_internvl.checkpoint.optimizer_compat import adam_class_name
     from megatron_internvl.models.attention import describe_backends
@@ -153,8 +153,17 @@ def report(env: Environment | None = None, spec: str = "auto", image_backend: st
     else:
         varlen = "no CUDA: SDPA per sample (CPU)"
     if image_backend == "dali":
+        # data/media.py decode_site's rule: the GPU decode runs only in the training process.
+        on_rank = decode_on == "rank" or (decode_on == "auto" and env.gpu)
+        if on_rank and env.gpu:
+            where = "JPEGs decoded on the GPU in the training process (nvJPEG)"
+        elif on_rank:
+            where = "JPEGs decoded on the CPU in the training process (no CUDA)"
+        else:
+            where = ("decoded on the CPU in the data-loader workers" + (
+                " (set data.decode_on=auto or rank for the GPU's nvJPEG decoder)" if env.gpu else ""))
         decoder = (f"DALI {versions.get('nvidia-dali') or 'MISSING'} ({env.dali_wheel or 'not installed'}), "
-                   f"{'GPU (nvJPEG)' if env.gpu else 'CPU'} decoding")
+                   f"{where}; data.decode_on={decode_on}")
     else:
         decoder = "Pillow (data.image_backend=pil)"
     return {
@@ -188,16 +197,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="megatron-internvl doctor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?",
-                   help="read model.spec, model.flash_attention and data.image_backend from this recipe")
+                   help="read model.spec, model.flash_attention, data.image_backend and data.decode_on from this recipe")
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     args = p.parse_args(argv)
-    spec, backend, flash_attention = "auto", "pil", "auto"
+    spec, backend, flash_attention, decode_on = "auto", "pil", "auto", "worker"
     if args.recipe:
         from megatron_internvl.config import load_config
 
         config = load_config(args.recipe, [])
         spec, backend, flash_attention = config.model.spec, config.data.image_backend, config.model.flash_attention
-    facts = report(spec=spec, image_backend=backend, flash_attention=flash_attention)
+        decode_on = config.data.decode_on
+    facts = report(spec=spec, image_backend=backend, flash_attention=flash_attention, decode_on=decode_on)
     print(json.dumps(facts, indent=1) if args.json else format_report(facts))
     return 0
 

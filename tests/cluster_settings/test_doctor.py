@@ -122,3 +122,16 @@ def test_gather_reads_torchs_registry_and_checks_kernels_only_on_hopper(monkeypa
     env = doctor.gather()
     assert env.gpu_capability == (9, 0) and env.fa3_kernels_error == MISSING and checked == [1]
     assert any("FA3 but its kernels are missing" in w for w in warnings_for(env, te_spec=False))
+
+
+@pytest.mark.parametrize("gpu,decode_on,where", [
+    ("NVIDIA H100", "worker", "in the data-loader workers (set data.decode_on=auto or rank"),
+    ("NVIDIA H100", "auto", "on the GPU in the training process (nvJPEG)"),
+    ("NVIDIA H100", "rank", "on the GPU in the training process (nvJPEG)"),
+    (None, "auto", "in the data-loader workers; data.decode_on=auto"),
+    (None, "rank", "on the CPU in the training process (no CUDA)"),
+])
+def test_dali_line_says_where_images_are_decoded(gpu, decode_on, where):
+    env = Environment(gpu=gpu, dali_wheel="nvidia-dali-cuda130", versions={"nvidia-dali": "1.50"})
+    line = doctor.report(env, spec="local", image_backend="dali", decode_on=decode_on)["image_decoder"]
+    assert line.startswith("DALI 1.50 (nvidia-dali-cuda130)") and where in line, line
