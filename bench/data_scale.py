@@ -10,8 +10,9 @@ planned loader with `micro` packs per rank per step (G = DP x micro packs per st
 - start-up: building the loader until it can plan (annotation offsets, order, index checks);
 - per step, CPU time of the reader (one process, `num_workers=0`, so everything is counted)
   split into `metadata` (the samples of the global batch: templating + tokenization + image
-  headers today; index rows with the index), `plan` (forming and dealing the G packs, the same
-  in both) and `decode` (its own packs: pixels, the same in both);
+  headers today; index rows with the index), `decode` (its own packs: pixels, the same in both)
+  and `plan`, the rest of the step (forming the G packs, their costs, dealing them, the step's
+  statistics: the same in both);
 - files opened per step (every `open`, PIL's image opens included);
 - bytes per tile from worker to rank (the pixel tensor of a micro-batch / its tiles).
 
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples" / "tiny"))
 
 from megatron_internvl.config.data import DataConfig  # noqa: E402
+from megatron_internvl.data import planned  # noqa: E402
 from megatron_internvl.data.build import build_data_loader  # noqa: E402
 from megatron_internvl.data.indexing import build_index  # noqa: E402
 
@@ -154,44 +156,42 @@ def measure_reader(cfg: DataConfig, dp: int, micro: int, steps: int) -> dict:
         loader.order.locate(0)   # the first epoch's order: part of being ready to plan
     startup = {"wall_s": time.perf_counter() - t0w, "cpu_s": time.process_time() - t0c, "files_opened": opened.n}
 
-    meta_cpu = [0.0]
+    # CPU time of the metadata reads (a sample at a time today; the global batch's index rows at
+    # once with the index) and of decoding this reader's own packs; planning is the rest of the
+    # step: forming the G packs, their costs, dealing them, the step's statistics.
+    cpu = {"metadata": 0.0, "decode": 0.0}
 
-    def timed(read):
-        def timed_read(*a):
+    def timed(fn, part):
+        def call(*a):
             t = time.process_time()
             try:
-                return read(*a)
+                return fn(*a)
             finally:
-                meta_cpu[0] += time.process_time() - t
-        return timed_read
+                cpu[part] += time.process_time() - t
+        return call
 
-    # metadata: a sample at a time (today), or the global batch's index rows at once (indexed)
-    loader._read_sample, loader._read_units = timed(loader._read_sample), timed(loader._read_units)
-    plan = loader.planner.plan
-    plan_cpu = [0.0]
-
-    def timed_plan(*a):
-        t = time.process_time()
-        try:
-            return plan(*a)
-        finally:
-            plan_cpu[0] += time.process_time() - t
-
-    loader.planner.plan = timed_plan
+    loader._read_sample = timed(loader._read_sample, "metadata")
+    if hasattr(loader, "_read_units"):
+        loader._read_units = timed(loader._read_units, "metadata")
+    getitem = planned._PackBuilder.__getitem__
+    planned._PackBuilder.__getitem__ = timed(getitem, "decode")
     rows, bytes_per_tile, dtype = [], None, None
-    for s in range(steps + 1):
-        meta_cpu[0] = plan_cpu[0] = 0.0
-        c0 = time.process_time()
-        with OpenCounter() as opened:
-            for _ in range(micro):
-                b = next(loader)
-                px = b["pixel_values"]
-                if px.shape[0]:
-                    bytes_per_tile, dtype = px.element_size() * px[0].numel(), str(px.dtype)
-        total = time.process_time() - c0
-        rows.append({"cpu_s": total, "metadata_s": meta_cpu[0], "plan_s": plan_cpu[0] - meta_cpu[0],
-                     "decode_s": total - plan_cpu[0], "files_opened": opened.n,
-                     "samples_read": loader.skips.seen})
+    try:
+        for s in range(steps + 1):
+            cpu.update(metadata=0.0, decode=0.0)
+            c0 = time.process_time()
+            with OpenCounter() as opened:
+                for _ in range(micro):
+                    b = next(loader)
+                    px = b["pixel_values"]
+                    if px.shape[0]:
+                        bytes_per_tile, dtype = px.element_size() * px[0].numel(), str(px.dtype)
+            total = time.process_time() - c0
+            rows.append({"cpu_s": total, "metadata_s": cpu["metadata"],
+                         "plan_s": total - cpu["metadata"] - cpu["decode"], "decode_s": cpu["decode"],
+                         "files_opened": opened.n, "samples_read": loader.skips.seen})
+    finally:
+        planned._PackBuilder.__getitem__ = getitem
     first, rest = rows[0], rows[1:]
     mean = {k: float(np.mean([r[k] for r in rest])) for k in ("cpu_s", "metadata_s", "plan_s", "decode_s", "files_opened")}
     mean["samples_per_step"] = (rest[-1]["samples_read"] - first["samples_read"]) / len(rest)

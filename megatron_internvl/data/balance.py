@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -55,9 +55,10 @@ def lookahead_packs(packs_per_step: int, buffer_size: int) -> int:
     return max(packs_per_step // 8, min(buffer_size, max(packs_per_step, 8)))
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One packable unit: its key, LLM tokens, ViT tiles and the lengths of its sequences."""
+class Unit(NamedTuple):
+    """One packable unit: its key, LLM tokens, ViT tiles and the lengths of its sequences.
+    A named tuple: a reader builds one per sample piece of every global batch, and a tuple is
+    built several times faster than a frozen dataclass."""
 
     key: tuple
     tokens: int
