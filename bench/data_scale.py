@@ -291,10 +291,13 @@ def main(argv=None) -> int:
 
 def render(out: dict) -> str:
     by = {(r["dp"], r["loader"]): r for r in out["results"]}
+    sc = out.get("startup_at_scale")
+    startup_flag = f" --startup-copies {sc['lines'] // out['samples']}" if sc else ""
     lines = [
         "# The data path at cluster scale: one reader's cost per step",
         "",
-        f"`python bench/data_scale.py --samples {out['samples']} --micro {out['micro']} --steps {out['steps']}`; "
+        f"`python bench/data_scale.py --samples {out['samples']} --micro {out['micro']} --steps {out['steps']}"
+        f"{startup_flag}`; "
         f"{out['samples']:,} annotation lines ({', '.join(f'{k} {v:.0%}' for k, v in out['mixture'].items())}), "
         f"16 JPEGs reused; packs of {out['settings']['max_tokens']} tokens / {out['settings']['max_tiles']} tiles, "
         f"448 px tiles, {out['micro']} packs per rank per step (G = DP x {out['micro']}). Index built in "
@@ -321,7 +324,6 @@ def render(out: dict) -> str:
         lines.append(f"| {dp} | {a['metadata_s'] / max(b['metadata_s'], 1e-9):.0f}x | "
                      f"{(a['metadata_s'] + a['plan_s']) / max(b['metadata_s'] + b['plan_s'], 1e-9):.1f}x | "
                      f"{a['cpu_s'] / max(b['cpu_s'], 1e-9):.1f}x | {a['files_opened']:.0f} / {b['files_opened']:.0f} |")
-    sc = out.get("startup_at_scale")
     if sc:
         lines += ["", f"Start-up at {sc['lines']:,} lines (each annotation file repeated): today's loader "
                   f"{sc['today_s']:.2f} s (scanning the files for line offsets, the epoch order); indexed "
