@@ -40,7 +40,7 @@ FA3_TORCH = "2.12"  # the first release whose registry lists FA3
 FA3_INSTALL = (
     "install FlashAttention-3 built for this torch and CUDA: PyTorch's builds with `pip install "
     "flash-attn-3 --find-links https://download.pytorch.org/whl/flash-attn-3/`, or from source "
-    "(nvcc, about an hour) with `pip install --no-build-isolation "
+    "(a long nvcc build) with `pip install --no-build-isolation "
     "'git+https://github.com/Dao-AILab/flash-attention.git#subdirectory=hopper'`"
 )
 DEFAULT_NAME = "PyTorch default (FlashAttention 2)"
