@@ -56,6 +56,7 @@ TRAIN_STEPS = 30  # BF16 steps of the tiny recipe, each against fp32 on the CPU 
 TRAIN_LIMIT = 0.05  # relative difference of the BF16 and fp32 losses, at every step
 GRAD_LIMIT = 5e-2  # one layer in BF16 vs fp32: relative L2 of each gradient
 CE_LIMITS = {"loss": 1e-4, "ce": 1e-3, "grad_hidden": 1e-2, "grad_weight": 1e-2}  # Triton vs torch, BF16
+FA3_LIMIT = 2e-2  # packed attention with FA3 vs PyTorch's default (FA2), BF16: output and q/k/v grads
 # Host reads of one training step (training/host_reads.py; tests/training/test_host_syncs.py).
 SYNC_MICRO_BATCHES, READS_PER_MICRO_BATCH, READS_PER_STEP = 2, 5, 12
 RESUME_STEPS, RESUME_AT = 20, 10  # TE spec: steps, and the async save the kill follows
@@ -478,6 +479,50 @@ def triton_ce() -> dict:
             "ok": all(errs[k] <= CE_LIMITS[k] for k in CE_LIMITS)}
 
 
+def fa3_varlen() -> dict:
+    """The local spec's packed attention (``varlen_attn`` through models/attention.py's adapter:
+    causal, GQA, five segments) with FlashAttention-3 activated as ``model.flash_attention=auto``
+    activates it, against PyTorch's default kernel on the same inputs: relative L2 of the output
+    and of the q/k/v gradients, and the time of forward + backward of each (after a warm-up)."""
+    import math
+
+    import torch
+    from torch.nn import attention as torch_attention
+
+    from megatron_internvl.models import attention as attn
+
+    torch.manual_seed(0)
+    lens, hq, hkv, d = [700, 1500, 37, 2048, 811], 16, 2, 128
+    cu = torch.tensor([0] + [sum(lens[:k + 1]) for k in range(len(lens))], dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lens), hq, d, device="cuda").bfloat16()
+    k, v = (torch.randn(sum(lens), hkv, d, device="cuda").bfloat16() for _ in range(2))
+    grad = torch.randn(sum(lens), hq, d, device="cuda").bfloat16()
+
+    def run():
+        times = []
+        for _ in range(4):
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = attn.require_varlen()(qq, kk, vv, cu, max(lens), True, 1 / math.sqrt(d))
+            out.backward(grad)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return [x.float() for x in (out, qq.grad, kk.grad, vv.grad)], statistics.median(times[1:])
+
+    default, default_s = run()
+    torch_attention.activate_flash_attention_impl("FA3")
+    try:
+        active = torch_attention.current_flash_attention_impl()
+        fa3, fa3_s = run()
+    finally:
+        torch_attention.restore_flash_attention_impl()
+    errs = {name: float((a - b).norm() / b.norm()) for name, a, b in zip(("out", "dq", "dk", "dv"), fa3, default)}
+    return {"active": active, "segments": lens, "heads": [hq, hkv], "head_dim": d, "rel_l2": errs,
+            "limit": FA3_LIMIT, "seconds": {"fa3": fa3_s, "default": default_s},
+            "ok": active == "FA3" and all(e <= FA3_LIMIT for e in errs.values())}
+
+
 def spec_checks(work: Path) -> dict:
     """Host reads and one-layer gradients for each spec this node builds; the Triton kernel where
     CUDA and triton are. What cannot run here is listed by name with the reason."""
@@ -503,6 +548,17 @@ def spec_checks(work: Path) -> dict:
             out["triton_ce"] = {"error": f"{type(exc).__name__}: {exc}"}
     else:
         skipped["triton_ce"] = "needs CUDA and triton"
+    from megatron_internvl.models.flash import plan_flash_attention
+
+    fa3 = plan_flash_attention("auto")  # what a model build on this node activates, and why not
+    if fa3.impl == "FA3":
+        try:
+            out["fa3_varlen"] = fa3_varlen()
+        except Exception as exc:
+            traceback.print_exc()
+            out["fa3_varlen"] = {"error": f"{type(exc).__name__}: {exc}"}
+    else:
+        skipped["fa3_varlen"] = f"needs FlashAttention-3 on a Hopper GPU: {fa3.reason}"
     if _has("nvidia.dali"):
         try:
             out["rank_decode"] = rank_decode()
@@ -868,6 +924,12 @@ def summary_md(res: dict, smoke: bool) -> str:
                          f"mean abs at most {c['mean_abs']:.4f} (limits {c['tolerance']['max']} / "
                          f"{c['tolerance']['mean']}); one batch of {c['batch_tiles']} tiles in {c['batch_seconds']:.3f} s, "
                          f"{'equal' if c['batch_equals_single'] else 'NOT equal'} to one by one, "
+                         f"{'OK' if c['ok'] else 'FAIL'}")
+        elif name == "fa3_varlen":
+            errs = ", ".join(f"{k} {v:.1e}" for k, v in c["rel_l2"].items())
+            lines.append(f"- fa3_varlen: packed attention with {c['active']} vs PyTorch's default kernel, BF16 "
+                         f"{c['segments']} tokens, heads {c['heads']}: {errs} (limit {c['limit']:g}); forward + "
+                         f"backward {c['seconds']['fa3'] * 1e3:.2f} ms vs {c['seconds']['default'] * 1e3:.2f} ms, "
                          f"{'OK' if c['ok'] else 'FAIL'}")
         elif name == "te_resume":
             lines.append(f"- te_resume: TE spec from the converter, killed after step {c['killed_after_step']} was "
