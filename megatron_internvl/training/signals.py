@@ -49,15 +49,20 @@ class StopRequest:
         return None
 
     def should_stop(self) -> str | None:
-        """Agreed across all ranks (any rank's request stops everyone at the same step)."""
+        """Agreed across all ranks: any rank's request stops everyone at the same step, and every
+        rank names the same reason (the first of :data:`REASONS` any rank has), so rank 0 logs the
+        signal even where the launcher delivered it to another rank first."""
         import torch
 
         from megatron_internvl.parallel.distributed import compute_device
 
         reason = self.local_reason()
-        flag = torch.tensor([1.0 if reason else 0.0], device=compute_device())
+        code = torch.tensor([len(REASONS) - REASONS.index(reason) if reason else 0], device=compute_device())
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() > 0:
-            return reason or "another rank's stop request"
-        return None
+            torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
+        code = int(code.item())
+        return REASONS[len(REASONS) - code] if code else None
+
+
+# Stop reasons, most telling first: one rank's signal names the stop on every rank.
+REASONS = tuple(s.name for s in STOP_SIGNALS) + ("time limit",)
