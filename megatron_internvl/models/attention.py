@@ -186,12 +186,20 @@ class PackedSegments:
     max_seqlen: int
     _bounds: list | None = None
 
+    _sizes: list | None = None
+
     def bounds(self) -> list[tuple[int, int]]:
         """(start, end) of the non-empty segments, read back to the host once."""
         if self._bounds is None:
             cu = self.cu_seqlens.tolist()
             self._bounds = [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
         return self._bounds
+
+    def sizes(self) -> list[int]:
+        """The non-empty segments' lengths (they tile the packed tokens: padding is a segment)."""
+        if self._sizes is None:
+            self._sizes = [b - a for a, b in self.bounds()]
+        return self._sizes
 
 
 _CACHE_ATTR = "_internvl_packed_segments"
@@ -284,12 +292,13 @@ class CoreAttention(nn.Module):
             out = require_varlen()(query, key, value, segments.cu_seqlens, segments.max_seqlen,
                                    causal, self.softmax_scale)
             return out.reshape(out.shape[0], -1)
-        outs = []
-        for start, end in segments.bounds():
-            q = query[start:end].transpose(0, 1)[None]
-            k = key[start:end].transpose(0, 1)[None]
-            v = value[start:end].transpose(0, 1)[None]
-            outs.append(self._attend(q, k, v, causal)[0].transpose(0, 1))
+        # One split per tensor, not a slice per sample: a slice's backward writes its gradient into
+        # a zeroed tensor of the whole pack (samples x tokens of memory traffic per layer), the
+        # split's backward is one concatenation. The same values, bit for bit.
+        sizes = segments.sizes()
+        outs = [self._attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                             causal)[0].transpose(0, 1)
+                for q, k, v in zip(query.split(sizes), key.split(sizes), value.split(sizes))]
         out = torch.cat(outs, dim=0)
         return out.reshape(out.shape[0], -1)
 
