@@ -65,6 +65,24 @@ def load_chunks(chunks, loaded: dict) -> None:
             m.load_state_dict(loaded[f"model{i}"])
 
 
+def prepare_writer() -> None:
+    """Give megatron's checkpoint writer its results queue before the first save.
+
+    megatron-core 0.16 creates it on the first save as a ``Manager`` in a *spawned* process, which
+    re-imports the launching module (``megatron_internvl.train``: torch, megatron-core, the model
+    code) before it answers: every process's first save waited that long (7-18 s of a 2-core
+    machine's time per process; the whole import on a cluster's rank). A ``Manager`` in a forked
+    process needs no import; megatron forks its file writers from this process on every save
+    anyway. Kept where megatron keeps it, so its own code finds it; a no-op if a later
+    megatron-core stores it elsewhere."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+
+
 def is_extra_state(key: str) -> bool:
     return key.rsplit(".", 1)[-1].startswith(EXTRA_STATE)
 
@@ -159,6 +177,7 @@ def save_model_checkpoint(models, directory: str | os.PathLike, extra_sharded: d
     state = model_sharded_state_dict(models)
     if extra_sharded:
         state.update(extra_sharded)
+    prepare_writer()
     dist_checkpointing.save(state, str(tmp))
     barrier()
     if is_rank0():

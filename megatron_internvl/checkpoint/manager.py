@@ -32,7 +32,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from .io import barrier, chunks_sharded_state_dict, is_rank0, load_chunks, load_sharded
+from .io import barrier, chunks_sharded_state_dict, is_rank0, load_chunks, load_sharded, prepare_writer
 from megatron_internvl.config.errors import FaultError
 from megatron_internvl.parallel.distributed import compute_device
 
@@ -237,6 +237,7 @@ class CheckpointManager:
         model_cfg = (common or {}).get("config", {}).get("model")
         publish = functools.partial(self._publish, tmp, target, model_cfg, time.monotonic())
         rank = _rank_world()[0]
+        prepare_writer()
         if not self.async_save:
             with self._disk_full_reported(tmp):
                 dist_checkpointing.save(state, str(tmp))

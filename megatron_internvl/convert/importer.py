@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_internvl.checkpoint.io import prepare_writer
 from megatron_internvl.checkpoint.layout import write_sidecars
 
 from . import ConversionError
@@ -120,6 +121,7 @@ def convert_on_rank(job: ImportJob, report=None) -> list[str]:
     cache.clear()
     if rank == 0:
         report(f"[import] saving the distributed checkpoint ({torch.distributed.get_world_size()} ranks)")
+    prepare_writer()
     dist_checkpointing.save(sharded_state(model), job.out_dir)
     torch.distributed.barrier()
     return sorted(loaded)
