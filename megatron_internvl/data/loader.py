@@ -22,7 +22,7 @@ from megatron_internvl.config.data import DataConfig, DatasetSpec
 from .order import GlobalOrder
 from .packing import PackedSample, TwoBudgetPacker, collate_pack
 from .samples import SampleBuilder, Skip
-from .state import DataResumeError, SkipStats, passthrough
+from .state import DataResumeError, SkipStats, close_workers, passthrough
 from .sources import JsonlFile
 from .stream import SampleStream
 from .tokenizer import Tokenizer
@@ -79,6 +79,10 @@ class PackedDataLoader:
             prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
         )
         return iter(self._loader)
+
+    def close(self) -> None:
+        """Stop the worker processes; the loader cannot be iterated afterwards."""
+        close_workers(self)
 
     def _emit(self, keys: list) -> dict[str, Any]:
         samples = [self._live.pop(k) for k in keys]
@@ -212,6 +216,9 @@ class PackShardedLoader:
 
     def __iter__(self) -> "PackShardedLoader":
         return self
+
+    def close(self) -> None:
+        self.inner.close()
 
     def __next__(self) -> dict[str, Any]:
         mine = None

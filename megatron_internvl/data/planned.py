@@ -38,7 +38,7 @@ from .order import GlobalOrder
 from .packing import collate_pack
 from .samples import SKIP_REASONS, SampleBuilder, Skip
 from .sources import JsonlFile
-from .state import DataResumeError, SkipStats, passthrough
+from .state import DataResumeError, SkipStats, close_workers, passthrough
 from .stream import SampleStream
 
 logger = logging.getLogger("megatron_internvl.data")
@@ -395,6 +395,10 @@ class PlannedLoader:
             "consumed": consumed,
             "counters": [self.packs, self.real_tokens, self.tiles, self.samples_packed],
         }
+
+    def close(self) -> None:
+        """Stop the worker processes (metadata and decode); the loader cannot be iterated afterwards."""
+        close_workers(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore before the first `next()`, at any DP size when saved at a step boundary."""

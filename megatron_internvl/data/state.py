@@ -29,6 +29,19 @@ def passthrough(item):
     return item
 
 
+def close_workers(owner) -> None:
+    """Stop the data-loader worker processes of the iterators ``owner`` holds, now.
+
+    Left to the garbage collector (our loaders hold their DataLoader in a reference cycle), torch
+    tears an iterator down after parts of it are gone, and each worker then waits out a 5 s join
+    timeout before it is killed: seconds per worker at the end of training or evaluation."""
+    for name, value in list(vars(owner).items()):
+        shutdown = getattr(value, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+            setattr(owner, name, None)
+
+
 @dataclass
 class SkipStats:
     """Skips counted per (dataset, reason), with the last file:line seen for each."""

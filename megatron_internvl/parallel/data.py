@@ -72,6 +72,12 @@ class BroadcastLoader:
     def __iter__(self) -> "BroadcastLoader":
         return self
 
+    def close(self) -> None:
+        """Stop the reader's worker processes (a local call: no collective)."""
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
     def __next__(self) -> dict[str, Any]:
         """The next micro-batch with its pixels on this rank's device (first stage)."""
         batch = self.next_deferred()

@@ -118,4 +118,5 @@ def train(run: TrainingRun) -> int:
             run.manager.abort()
         profiler.close()
         metrics.close()
+        run.loader.close()  # data workers stop now, not at the interpreter's exit
     return exit_code

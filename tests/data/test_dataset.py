@@ -197,3 +197,17 @@ def test_per_dataset_tile_budget_augmentation_and_template(tmp_path, toy):
              for a_, b_ in zip(b["cu_seqlens"][:-1].tolist(), b["cu_seqlens"][1:].tolist())]
     assert any(x.startswith("<|im_start|>system\nS<|im_end|><|im_start|>user") for x in texts)   # Hermes-2
     assert any(x.startswith("<|im_start|>system\nS<|im_end|>\n<|im_start|>user") for x in texts)  # internvl2_5
+
+
+@pytest.mark.parametrize("shard_by", ["global", "sample"])
+def test_close_stops_the_worker_processes_at_once(toy, shard_by):
+    import multiprocessing
+
+    meta, tok = toy
+    cfg = toy_config(meta, tok, shard_by=shard_by, num_workers=2)
+    loader = build_data_loader(cfg, media_loader=FakeMedia(cfg.image_size), packs_per_step=2)
+    next(loader)
+    workers = multiprocessing.active_children()
+    assert len(workers) >= 2
+    loader.close()
+    assert all(w.exitcode is not None for w in workers), "close() must join the workers"
